@@ -1,0 +1,161 @@
+"""Settings of a run, a coordinator and a worker: pydantic models loaded from TOML and the environment.
+
+Every field has a default and a description. Unknown fields are refused, so a typo in a config file
+fails at start with the field named instead of being silently ignored. Environment variables named
+``ANTORCHA_<SECTION>__<FIELD>`` (e.g. ``ANTORCHA_RUN__INNER_STEPS=50``) override the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Codec = Literal["none", "fp16", "bf16"]
+ENV_PREFIX = "ANTORCHA_"
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSpec(_Strict):
+    """What is trained and how: identical for every worker of a run (sent to them at Join)."""
+
+    run_id: str = Field("demo", description="Name of the run; checkpoints and metrics carry it.")
+    model_size: str = Field("nano", description="Built-in model preset (see antorcha.model.MODEL_SIZES).")
+    seq_len: int = Field(128, ge=8, le=65536, description="Tokens per training sequence.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per inner step on each worker.")
+    inner_steps: int = Field(20, ge=1, le=100_000, description="H: inner AdamW steps per round.")
+    inner_lr: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate of the inner steps.")
+    inner_weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
+    inner_warmup_steps: int = Field(20, ge=0, description="Linear warm-up of the inner learning rate.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm of each inner step to this.")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="Learning rate of the outer Nesterov SGD.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the outer SGD.")
+    outer_nesterov: bool = Field(True, description="Use Nesterov momentum in the outer step.")
+    codec: Codec = Field("none", description="Encoding of pseudo-gradients on the data plane.")
+    max_rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
+    min_workers: int = Field(1, ge=1, description="Workers needed before round 0 starts.")
+    round_deadline_s: float = Field(600.0, gt=0, description="Close a round this long after it opens.")
+    allreduce_timeout_s: float = Field(30.0, gt=0, description="Give up on a silent averaging peer after this.")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches evaluated after every round.")
+    num_data_shards: int = Field(64, ge=1, description="Training data is split into this many shards.")
+    corpus_max_bytes: int = Field(8_000_000, ge=100_000, description="Bytes of the offline corpus to use.")
+    seed: int = Field(0, description="Seed of the initial parameters and data order.")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+class CoordinatorSettings(_Strict):
+    """How the coordinator process listens and keeps time."""
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    p2p_host_maddrs: list[str] = Field(
+        default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], description="hivemind listen multiaddrs."
+    )
+    p2p_announce_maddrs: list[str] = Field(
+        default_factory=list, description="Public multiaddrs to tell workers (behind NAT/port mapping)."
+    )
+    lease_s: float = Field(5.0, gt=0, description="A worker silent this long loses its lease.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often workers should heartbeat.")
+    tick_interval_s: float = Field(0.1, gt=0, description="How often leases and deadlines are checked.")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
+    state_chunk_bytes: int = Field(1024 * 1024, ge=1024, description="Size of streamed state chunks.")
+    torch_threads: int = Field(1, ge=1, description="CPU threads for the coordinator's replica.")
+    status_file: str = Field("", description="Write the run status as JSON here after every round.")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> CoordinatorSettings:
+        if self.lease_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("lease_s must be at least twice heartbeat_interval_s")
+        return self
+
+
+class WorkerSettings(_Strict):
+    """How one volunteer's worker runs."""
+
+    coordinator: str = Field("127.0.0.1:50051", description="host:port of the coordinator's gRPC server.")
+    name: str = Field("", description="Human-readable name; the hostname when empty.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="Where to train.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 leaves torch's default.")
+    p2p_host_maddrs: list[str] = Field(
+        default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], description="hivemind listen multiaddrs."
+    )
+    p2p_announce_maddrs: list[str] = Field(default_factory=list, description="Public multiaddrs to announce.")
+    client_mode: bool = Field(False, description="Dial out only (behind NAT): reduce no part of the vector.")
+    token: str = Field("", description="Join token given by the operator.")
+    identity_file: str = Field("", description="Keep the worker id here to resume it after a restart.")
+    rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of ordinary RPCs to the coordinator.")
+
+
+class CoordinatorConfig(_Strict):
+    """A coordinator config file: [coordinator] and [run] tables."""
+
+    coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+
+class WorkerConfig(_Strict):
+    """A worker config file: a [worker] table."""
+
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+
+def _env_overrides(environ: dict[str, str], sections: set[str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in sections:
+            continue
+        # Values are parsed as TOML so numbers, booleans and lists keep their types.
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        overrides.setdefault(section, {})[field] = parsed
+    return overrides
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        problems.append(f"{where}: {e['msg']}")
+    return f"invalid config ({source}): " + "; ".join(problems)
+
+
+def load_config(
+    model: type[ConfigT], path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> ConfigT:
+    """Read `model` from a TOML file (optional) with ANTORCHA_* environment overrides on top."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    sections = set(model.model_fields)
+    for section, fields in _env_overrides(dict(os.environ if environ is None else environ), sections).items():
+        data.setdefault(section, {}).update(fields)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

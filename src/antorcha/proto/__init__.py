@@ -1,0 +1,1 @@
+"""Generated protobuf modules (committed; see scripts/gen_proto.py)."""
