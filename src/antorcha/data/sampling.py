@@ -68,7 +68,7 @@ class ShardSampler:
 
     def next_batch(self) -> torch.Tensor:
         # The last valid start leaves exactly seq_len + 1 tokens before the shard end.
-        num_starts = self.end - self.start - self.seq_len + 1
+        num_starts = self.end - self.start - self.seq_len
         starts = self.start + torch.randint(num_starts, (self.batch_size,), generator=self._generator)
         return self.tokens[starts[:, None] + self._offsets].long()
 

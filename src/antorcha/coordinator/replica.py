@@ -1,0 +1,61 @@
+"""The coordinator's own replica of the model: it applies every outer step like a worker does, so
+the coordinator always holds θ_r to evaluate, checkpoint and serve to joiners."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from antorcha.config import RunSpec
+from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.diloco.outer import OuterOptimizer
+from antorcha.diloco.params import ParamLayout
+from antorcha.diloco.pseudo_gradient import check_finite
+from antorcha.diloco.state import GlobalState, encode_state, sha256_hex
+from antorcha.model import build_model
+
+
+class CoordinatorReplica:
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        corpus = load_stdlib_corpus(spec.corpus_max_bytes)
+        self.corpus_fingerprint = corpus.fingerprint
+        self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed)
+        self.layout = ParamLayout.of(self.model)
+        params = self.layout.flatten(self.model)
+        self.state = GlobalState(0, params, torch.zeros_like(params))
+        self.outer = OuterOptimizer(spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum)
+        self.eval_set = eval_batches(corpus.eval, spec.seq_len, spec.batch_size, spec.eval_batches)
+        self._lock = threading.Lock()
+        self._encoded: tuple[int, bytes, str] | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        return self.layout.total
+
+    def apply(self, average: torch.Tensor) -> str:
+        """Outer step with the round's averaged pseudo-gradient; returns the new checksum."""
+        check_finite(average, "averaged pseudo-gradient")
+        with self._lock:
+            self.outer.step(self.state.params, average)
+            self.state.round += 1
+            return self.state.checksum
+
+    def evaluate(self) -> float:
+        with self._lock:
+            self.layout.load_into(self.model, self.state.params)
+        return evaluate(self.model, self.eval_set)
+
+    def encoded(self) -> tuple[int, bytes, str]:
+        """(round, serialized state, its sha256), cached until the next outer step."""
+        with self._lock:
+            if self._encoded is None or self._encoded[0] != self.state.round:
+                data = encode_state(self.layout, self.state, self.spec.run_id)
+                self._encoded = (self.state.round, data, sha256_hex(data))
+            return self._encoded
+
+    @property
+    def checksum(self) -> str:
+        with self._lock:
+            return self.state.checksum

@@ -1,0 +1,102 @@
+"""The round state machine of the coordinator. Pure: events and the clock come in, decisions come out.
+
+A round r goes WAITING (too few workers) → TRAINING (admitted workers run inner steps from θ_r) →
+AVERAGING (the group is fixed: the workers that reported in time) → the coordinator's replica applies
+the outer step, and round r+1 opens in TRAINING (or the run is FINISHED). Each decision carries a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"
+    TRAINING = "training"
+    AVERAGING = "averaging"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Report:
+    worker_id: str
+    tokens: int
+    inner_steps: int
+    train_loss: float
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    form_group: bool
+    reason: str
+    members: tuple[str, ...] = ()  # worker ids of the group, in group order
+
+
+@dataclass
+class RoundMachine:
+    max_rounds: int
+    min_workers: int
+    deadline_s: float
+    round: int = 0
+    phase: Phase = Phase.WAITING
+    opened_at: float = 0.0
+    reports: dict[str, Report] = field(default_factory=dict)
+    group: tuple[str, ...] = ()
+
+    def tick(self, now: float, active: set[str]) -> Decision:
+        """Advance on time and membership; says when to form the averaging group."""
+        if self.phase == Phase.WAITING:
+            if len(active) >= self.min_workers:
+                self.phase, self.opened_at = Phase.TRAINING, now
+                return Decision(False, f"round {self.round} opened with {len(active)} workers")
+            return Decision(False, f"waiting for workers: {len(active)}/{self.min_workers}")
+        if self.phase != Phase.TRAINING:
+            return Decision(False, f"round {self.round} is {self.phase}")
+        reported = [w for w in self.reports if w in active]
+        missing = active - set(reported)
+        if reported and not missing:
+            return self._form(reported, f"all {len(reported)} active workers reported")
+        if reported and now - self.opened_at >= self.deadline_s:
+            return self._form(reported, f"deadline {self.deadline_s}s passed; left out {sorted(missing)}")
+        return Decision(False, f"round {self.round}: {len(reported)} reported, waiting for {len(missing)}")
+
+    def _form(self, reported: list[str], reason: str) -> Decision:
+        self.phase = Phase.AVERAGING
+        self.group = tuple(sorted(reported))
+        return Decision(True, reason, self.group)
+
+    def report(self, round_: int, report: Report) -> tuple[bool, str]:
+        """A worker finished its inner steps of `round_`. Accepted only while that round trains."""
+        if self.phase == Phase.FINISHED:
+            return False, "the run is finished"
+        if round_ != self.round:
+            return False, f"report for round {round_}, but round {self.round} is open"
+        if self.phase != Phase.TRAINING:
+            return False, f"round {self.round} is already {self.phase}; the group was formed without you"
+        self.reports[report.worker_id] = report
+        return True, f"report of {report.worker_id} for round {round_} accepted"
+
+    def close(self, now: float, active: set[str]) -> str:
+        """The outer step of the current round is done: open the next round or finish."""
+        finished = self.round
+        self.round += 1
+        self.reports, self.group = {}, ()
+        if self.max_rounds and self.round >= self.max_rounds:
+            self.phase = Phase.FINISHED
+            return f"round {finished} closed; run finished after {self.round} rounds"
+        if len(active) >= self.min_workers:
+            self.phase, self.opened_at = Phase.TRAINING, now
+            return f"round {finished} closed; round {self.round} opened with {len(active)} workers"
+        self.phase = Phase.WAITING
+        return f"round {finished} closed; waiting for workers to open round {self.round}"
+
+
+def assign_shard(round_: int, rank: int, active_count: int, num_shards: int) -> int:
+    """Data shard of the worker with this rank (by join order) among the active ones, in a round.
+
+    Distinct for every active worker while active_count <= num_shards, and rotating across rounds so
+    each worker keeps meeting new text.
+    """
+    return (round_ * max(active_count, 1) + rank) % num_shards
