@@ -47,7 +47,9 @@ class RunSpec(_Strict):
     max_rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
     min_workers: int = Field(1, ge=1, description="Workers needed before round 0 starts.")
     round_deadline_s: float = Field(600.0, gt=0, description="Close a round this long after it opens.")
-    allreduce_timeout_s: float = Field(30.0, gt=0, description="Give up on a silent averaging peer after this.")
+    allreduce_timeout_s: float = Field(
+        30.0, gt=0, description="Give up on a silent averaging peer after this."
+    )
     eval_batches: int = Field(8, ge=1, description="Held-out batches evaluated after every round.")
     num_data_shards: int = Field(64, ge=1, description="Training data is split into this many shards.")
     corpus_max_bytes: int = Field(8_000_000, ge=100_000, description="Bytes of the offline corpus to use.")

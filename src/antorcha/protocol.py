@@ -89,6 +89,7 @@ def group_from_pb(m: pb.AveragingGroup) -> AveragingGroup:
         codec=m.codec,
         timeout_s=m.timeout_seconds,
         members=tuple(
-            GroupMember(x.peer_id, tuple(x.maddrs), x.weight, x.reduce_fraction, x.worker_id) for x in m.members
+            GroupMember(x.peer_id, tuple(x.maddrs), x.weight, x.reduce_fraction, x.worker_id)
+            for x in m.members
         ),
     )

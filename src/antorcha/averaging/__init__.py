@@ -3,6 +3,12 @@
 `base` holds the interface every backend implements; `hivemind_backend` is the libp2p one.
 """
 
-from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup, GroupMember, PeerDescriptor
+from antorcha.averaging.base import (
+    AllReduceResult,
+    AveragingBackend,
+    AveragingGroup,
+    GroupMember,
+    PeerDescriptor,
+)
 
 __all__ = ["AllReduceResult", "AveragingBackend", "AveragingGroup", "GroupMember", "PeerDescriptor"]

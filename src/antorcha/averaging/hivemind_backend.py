@@ -27,7 +27,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from antorcha.averaging import codecs
 from antorcha.averaging.base import AllReduceResult, AveragingGroup, PeerDescriptor
-from antorcha.averaging.reducer import RejectedContribution, ReduceSession
+from antorcha.averaging.reducer import ReduceSession, RejectedContribution
 from antorcha.averaging.spans import span_layout
 from antorcha.proto.antorcha.v1 import averaging_pb2 as pb
 
@@ -120,6 +120,7 @@ class HivemindBackend:
             result = await session.result(request.chunk, timeout=3 * session.group.timeout_s)
         except TimeoutError:
             return pb.ReducePartResponse(status=pb.REDUCE_REJECTED, reason="chunk was never finalized")
+        session.mark_served(sender, request.chunk)
         if not result.payload:
             return pb.ReducePartResponse(status=pb.REDUCE_NO_CONTRIBUTORS, reason="every sender failed")
         return pb.ReducePartResponse(
@@ -134,7 +135,9 @@ class HivemindBackend:
     def all_reduce(self, group: AveragingGroup, vector: torch.Tensor, weight: float) -> AllReduceResult:
         return self._run(self._all_reduce(group, vector.detach().to("cpu", torch.float32), weight), None)
 
-    async def _all_reduce(self, group: AveragingGroup, vector: torch.Tensor, weight: float) -> AllReduceResult:
+    async def _all_reduce(
+        self, group: AveragingGroup, vector: torch.Tensor, weight: float
+    ) -> AllReduceResult:
         start = time.monotonic()
         me = self._peer.peer_id
         spans = span_layout(vector.numel(), group)
@@ -174,7 +177,9 @@ class HivemindBackend:
         async def reduce_span(span_index: int) -> None:
             span = spans[span_index]
             try:
-                await asyncio.gather(*(exchange(span_index, c, lo, hi) for c, (lo, hi) in enumerate(span.chunks())))
+                await asyncio.gather(
+                    *(exchange(span_index, c, lo, hi) for c, (lo, hi) in enumerate(span.chunks()))
+                )
             except Exception as e:  # a dead or misbehaving reducer: its span gets no update this round
                 log.warning(
                     "span failed group=%s reducer=%s reason=%r",
@@ -208,7 +213,19 @@ class HivemindBackend:
             timeout=3 * timeout_s + 5,
         )
 
+    async def _drain(self, timeout_s: float) -> None:
+        """Let members that are still fetching our spans' results finish before we go away."""
+        pending = [
+            f.result().fully_served.wait()
+            for f in self._sessions.values()
+            if f.done() and not f.cancelled() and not f.result().fully_served.is_set()
+        ]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+
     async def _shutdown(self) -> None:
+        await self._drain(timeout_s=10.0)
         if not self.client_mode:
             with contextlib.suppress(Exception):
                 await self._p2p.remove_protobuf_handler(HANDLER_NAME)

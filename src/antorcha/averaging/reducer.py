@@ -70,6 +70,8 @@ class ReduceSession:
         self.results: list[ChunkResult | None] = [None] * len(self.chunks)
         self.ready = [asyncio.Event() for _ in self.chunks]
         self.banned: dict[str, str] = {}
+        self.served: list[set[str]] = [set() for _ in self.chunks]
+        self.fully_served = asyncio.Event()
         started = time.monotonic() if now is None else now
         self.last_activity = dict.fromkeys(self.sender_weights, started)
 
@@ -118,7 +120,9 @@ class ReduceSession:
         for sender, last in self.last_activity.items():
             if sender in self.banned:
                 continue
-            owes = any(r is None and sender not in c.senders for r, c in zip(self.results, self.chunks))
+            owes = any(
+                r is None and sender not in c.senders for r, c in zip(self.results, self.chunks, strict=True)
+            )
             if owes and now - last > self.group.timeout_s:
                 self.ban(sender, f"sent nothing for {self.group.timeout_s:.1f}s")
 
@@ -129,10 +133,7 @@ class ReduceSession:
         if waiting_for:
             return
         chunk = self.chunks[i]
-        if chunk.weight > 0:
-            payload = codecs.encode(self.group.codec, chunk.mean())
-        else:
-            payload = b""
+        payload = codecs.encode(self.group.codec, chunk.mean()) if chunk.weight > 0 else b""
         self.results[i] = ChunkResult(payload, chunk.weight, len(chunk.senders))
         chunk.sum = torch.zeros(0)  # the accumulator is no longer needed; keep memory flat
         self.ready[i].set()
@@ -142,6 +143,12 @@ class ReduceSession:
         result = self.results[chunk]
         assert result is not None
         return result
+
+    def mark_served(self, member: str, chunk: int) -> None:
+        """A member got the result of a chunk; once all have every chunk the session may end."""
+        self.served[chunk].add(member)
+        if all(self.members <= s for s in self.served):
+            self.fully_served.set()
 
     async def watch(self, interval: float = 0.1) -> None:
         """Run until every chunk is final, banning silent senders as their time runs out."""

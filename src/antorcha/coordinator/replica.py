@@ -25,7 +25,9 @@ class CoordinatorReplica:
         self.layout = ParamLayout.of(self.model)
         params = self.layout.flatten(self.model)
         self.state = GlobalState(0, params, torch.zeros_like(params))
-        self.outer = OuterOptimizer(spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum)
+        self.outer = OuterOptimizer(
+            spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum
+        )
         self.eval_set = eval_batches(corpus.eval, spec.seq_len, spec.batch_size, spec.eval_batches)
         self._lock = threading.Lock()
         self._encoded: tuple[int, bytes, str] | None = None

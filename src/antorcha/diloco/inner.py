@@ -57,13 +57,22 @@ class InnerTrainer:
         self.total_steps += 1
         return float(loss.detach())
 
-    def run(self, steps: int, on_step: Callable[[int, int, float], None] | None = None) -> InnerStats:
-        """Run `steps` inner steps; `on_step(step, tokens_so_far, loss)` is called after each."""
+    def run(
+        self,
+        steps: int,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> InnerStats:
+        """Run `steps` inner steps; `on_step(step, tokens_so_far, loss)` is called after each, and
+        `should_stop()` is asked before each so a SIGTERM does not wait for the round to end."""
         tokens_per_step = self.spec.batch_size * self.spec.seq_len
         start, losses = time.perf_counter(), []
         for i in range(steps):
+            if should_stop is not None and should_stop():
+                break
             losses.append(self.step())
             if on_step is not None:
                 on_step(i + 1, (i + 1) * tokens_per_step, losses[-1])
         mean = sum(losses) / len(losses) if losses else math.nan
-        return InnerStats(steps, steps * tokens_per_step, mean, time.perf_counter() - start)
+        done = len(losses)
+        return InnerStats(done, done * tokens_per_step, mean, time.perf_counter() - start)

@@ -40,6 +40,24 @@ class PeerInfo(_message.Message):
     client_mode: bool
     def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., client_mode: _Optional[bool] = ...) -> None: ...
 
+class DiscoverRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class DiscoverResponse(_message.Message):
+    __slots__ = ("protocol_version", "software_version", "run_id", "bootstrap_maddrs")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    software_version: str
+    run_id: str
+    bootstrap_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., run_id: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("protocol_version", "software_version", "name", "worker_id", "device", "peer", "token")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]

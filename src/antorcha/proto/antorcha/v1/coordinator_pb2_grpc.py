@@ -34,6 +34,11 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Discover = channel.unary_unary(
+                '/antorcha.v1.Coordinator/Discover',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.DiscoverRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.DiscoverResponse.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/antorcha.v1.Coordinator/Join',
                 request_serializer=antorcha_dot_v1_dot_coordinator__pb2.JoinRequest.SerializeToString,
@@ -73,6 +78,14 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Discover(self, request, context):
+        """Learn how to reach the data plane before joining: the coordinator's protocol version and its
+        hivemind bootstrap peers. Needs no identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
         """Admit a worker: check its protocol version, give it an id, a lease, the run spec, the hivemind
@@ -129,6 +142,11 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Discover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discover,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.DiscoverRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.DiscoverResponse.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.JoinRequest.FromString,
@@ -174,6 +192,33 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Discover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/Discover',
+            antorcha_dot_v1_dot_coordinator__pb2.DiscoverRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.DiscoverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,

@@ -1,0 +1,1 @@
+"""Local clusters of real processes for the demo, tests, benchmarks and experiments."""

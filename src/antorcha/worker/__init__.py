@@ -1,0 +1,1 @@
+"""The volunteer's worker daemon: join, sync, train, average, commit, repeat."""

@@ -1,0 +1,250 @@
+"""The worker's side of the control plane: typed calls to the coordinator's gRPC service.
+
+Every call has a deadline. Transient failures (coordinator restarting, network blip) are retried
+with exponential backoff and jitter; refusals (bad version, unknown worker) raise at once with the
+coordinator's message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from antorcha import PROTOCOL_VERSION, __version__
+from antorcha.averaging.base import AveragingGroup, PeerDescriptor
+from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
+from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
+from antorcha.protocol import DeviceInfo, Progress, device_to_pb, group_from_pb, peer_to_pb, progress_to_pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class CoordinatorRefusedError(RuntimeError):
+    """The coordinator answered with a definite no; retrying will not help."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"coordinator refused ({code.name}): {message}")
+        self.code = code
+
+
+class StateDownloadError(RuntimeError):
+    """The state could not be downloaded intact."""
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    worker_id: str
+    run_id: str
+    run_spec_json: str
+    run_spec_sha256: str
+    round: int
+    state_checksum: str
+    data_shard: int
+    lease_s: float
+    heartbeat_interval_s: float
+
+
+@dataclass(frozen=True)
+class GroupAnswer:
+    accepted: bool
+    reason: str
+    group: AveragingGroup | None
+    next_round: int
+
+
+@dataclass(frozen=True)
+class CommitAnswer:
+    instruction: str  # "continue", "resync" or "stop"
+    reason: str
+    next_round: int
+    data_shard: int
+
+
+@dataclass(frozen=True)
+class StateDownload:
+    round: int
+    data: bytes
+    checksum: str
+    wire_bytes: int
+
+
+_INSTRUCTIONS = {pb.CONTINUE: "continue", pb.RESYNC: "resync", pb.STOP: "stop"}
+
+
+class CoordinatorClient:
+    def __init__(
+        self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024
+    ) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.keepalive_time_ms", 20_000),
+            ],
+        )
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn: Callable[[], T], what: str, patience_s: float) -> T:
+        """Call, retrying transient failures with backoff until `patience_s` has passed."""
+        deadline, delay = time.monotonic() + patience_s, 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code not in _TRANSIENT:
+                    raise CoordinatorRefusedError(code, e.details()) from None  # type: ignore[attr-defined]
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, code.name, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    def discover(self, patience_s: float = 60.0) -> pb.DiscoverResponse:
+        request = pb.DiscoverRequest(protocol_version=PROTOCOL_VERSION)
+        return self._call(
+            lambda: self.stub.Discover(request, timeout=self.timeout_s, wait_for_ready=True),
+            "discover",
+            patience_s,
+        )
+
+    def join(
+        self, *, name: str, worker_id: str, device: DeviceInfo, peer: PeerDescriptor, token: str
+    ) -> JoinInfo:
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION,
+            software_version=__version__,
+            name=name,
+            worker_id=worker_id,
+            device=device_to_pb(device),
+            peer=peer_to_pb(peer),
+            token=token,
+        )
+        r = self._call(
+            lambda: self.stub.Join(request, timeout=self.timeout_s, wait_for_ready=True), "join", 120.0
+        )
+        return JoinInfo(
+            r.worker_id,
+            r.run_id,
+            r.run_spec_json,
+            r.run_spec_sha256,
+            r.round,
+            r.state_checksum,
+            r.data_shard,
+            r.lease_seconds,
+            r.heartbeat_interval_seconds,
+        )
+
+    def heartbeat(self, worker_id: str, progress: Progress) -> tuple[str, int, str]:
+        request = pb.HeartbeatRequest(worker_id=worker_id, progress=progress_to_pb(progress))
+        try:
+            r = self.stub.Heartbeat(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise CoordinatorRefusedError(e.code(), e.details()) from None  # type: ignore[attr-defined]
+            raise
+        return _INSTRUCTIONS.get(r.instruction, "continue"), r.round, r.reason
+
+    def leave(self, worker_id: str, reason: str) -> None:
+        self.stub.Leave(pb.LeaveRequest(worker_id=worker_id, reason=reason), timeout=5.0)
+
+    def report_round(
+        self,
+        *,
+        worker_id: str,
+        round_: int,
+        tokens: int,
+        inner_steps: int,
+        loss: float,
+        seconds: float,
+        wait_s: float,
+    ) -> GroupAnswer:
+        request = pb.ReportRoundRequest(
+            worker_id=worker_id,
+            round=round_,
+            tokens=tokens,
+            inner_steps=inner_steps,
+            train_loss=loss,
+            compute_seconds=seconds,
+        )
+        r = self._call(lambda: self.stub.ReportRound(request, timeout=wait_s), "report", wait_s)
+        group = group_from_pb(r.group) if r.HasField("group") else None
+        return GroupAnswer(r.accepted, r.reason, group, r.next_round)
+
+    def commit_round(
+        self,
+        *,
+        worker_id: str,
+        round_: int,
+        checksum: str,
+        data_bytes: int,
+        seconds: float,
+        failed_spans: int,
+        wait_s: float,
+    ) -> CommitAnswer:
+        request = pb.CommitRoundRequest(
+            worker_id=worker_id,
+            round=round_,
+            checksum=checksum,
+            data_plane_bytes=data_bytes,
+            averaging_seconds=seconds,
+            failed_spans=failed_spans,
+        )
+        r = self._call(lambda: self.stub.CommitRound(request, timeout=wait_s), "commit", wait_s)
+        return CommitAnswer(
+            _INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round, r.data_shard
+        )
+
+    def run_status(self, timeout_s: float | None = None) -> pb.RunStatus:
+        return self.stub.GetRunStatus(pb.GetRunStatusRequest(), timeout=timeout_s or self.timeout_s)
+
+    def get_state(self, worker_id: str, min_round: int, wait_s: float, attempts: int = 4) -> StateDownload:
+        """Download the global state in verified chunks, resuming from the last good byte on failure."""
+        buf, total, digest, round_, checksum, wire = bytearray(), -1, "", -1, "", 0
+        for attempt in range(attempts):
+            request = pb.GetStateRequest(worker_id=worker_id, min_round=min_round, offset=len(buf))
+            try:
+                for chunk in self.stub.GetState(request, timeout=wait_s):
+                    if round_ not in (-1, chunk.round):  # the state moved on mid-download: start over
+                        buf.clear()
+                        raise StateDownloadError("state changed during download")
+                    round_, total, digest, checksum = (
+                        chunk.round,
+                        chunk.total_bytes,
+                        chunk.state_sha256,
+                        chunk.checksum,
+                    )
+                    if chunk.offset != len(buf):
+                        raise StateDownloadError(f"chunk at offset {chunk.offset}, expected {len(buf)}")
+                    if hashlib.sha256(chunk.data).hexdigest() != chunk.chunk_sha256:
+                        raise StateDownloadError(f"chunk at offset {chunk.offset} is corrupt")
+                    buf.extend(chunk.data)
+                    wire += chunk.ByteSize()
+                if len(buf) == total and hashlib.sha256(buf).hexdigest() == digest:
+                    return StateDownload(round_, bytes(buf), checksum, wire)
+                raise StateDownloadError(f"state incomplete or corrupt ({len(buf)}/{total} bytes)")
+            except (grpc.RpcError, StateDownloadError) as e:
+                if isinstance(e, StateDownloadError) and len(buf) == total:
+                    buf.clear()  # complete but wrong: the whole thing is suspect
+                log.warning("state download attempt %d failed: %s", attempt + 1, e)
+                time.sleep(min(0.5 * 2**attempt, 5.0))
+        raise StateDownloadError(f"could not download state of round ≥ {min_round} after {attempts} attempts")

@@ -1,0 +1,270 @@
+"""The worker's main loop. Training runs in the main thread and never waits on the network except at
+the round boundary (report, all-reduce, commit); heartbeats run in a thread of their own.
+
+Per round r:  train H inner steps from θ_r → Δ = θ_r − θ_local → ReportRound (long-poll for the group)
+→ all-reduce Δ over hivemind weighted by tokens → outer step on the fp32 CPU master copy → CommitRound
+with the checksum of θ_{r+1} (resync from the coordinator if it disagrees).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from antorcha.averaging.hivemind_backend import HivemindBackend
+from antorcha.config import RunSpec, WorkerSettings
+from antorcha.data import BYTE_VOCAB_SIZE, ShardSampler, load_stdlib_corpus
+from antorcha.diloco.inner import InnerTrainer
+from antorcha.diloco.outer import OuterOptimizer
+from antorcha.diloco.params import ParamLayout
+from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
+from antorcha.diloco.state import GlobalState, decode_state
+from antorcha.model import build_model
+from antorcha.protocol import Progress
+from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, JoinInfo
+from antorcha.worker.device import describe, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    tokens: int
+    train_loss: float
+    data_bytes: int
+    checksum: str
+    instruction: str
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease and carries progress; turns the coordinator's instructions into flags."""
+
+    def __init__(self, client: CoordinatorClient, worker_id: str, interval_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.client, self.worker_id, self.interval_s = client, worker_id, interval_s
+        self.progress = Progress()
+        self.stop_requested = threading.Event()
+        self.lost_lease = threading.Event()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval_s):
+            try:
+                instruction, _, reason = self.client.heartbeat(self.worker_id, self.progress)
+            except CoordinatorRefusedError as e:
+                log.warning("heartbeat refused: %s", e)
+                self.lost_lease.set()
+                continue
+            except Exception as e:  # the coordinator may be restarting; the lease tells who is gone
+                log.warning("heartbeat failed: %s", e)
+                continue
+            if instruction == "stop":
+                log.info("coordinator says stop: %s", reason)
+                self.stop_requested.set()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.stop_signal = threading.Event()
+        self.history: list[RoundSummary] = []
+
+    def _identity(self) -> str:
+        path = self.settings.identity_file
+        return Path(path).read_text().strip() if path and Path(path).exists() else ""
+
+    def _remember(self, worker_id: str) -> None:
+        if self.settings.identity_file:
+            Path(self.settings.identity_file).write_text(worker_id)
+
+    def run(self) -> int:
+        """Train until the run finishes, the coordinator says stop, or SIGTERM. Returns an exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_signal.set())
+        s = self.settings
+        # Discover the bootstrap peers on a short-lived channel, then start hivemind (which forks).
+        probe = CoordinatorClient(s.coordinator, s.rpc_timeout_s)
+        discovered = probe.discover()
+        probe.close()
+        backend = HivemindBackend(
+            initial_peers=list(discovered.bootstrap_maddrs),
+            host_maddrs=s.p2p_host_maddrs,
+            announce_maddrs=s.p2p_announce_maddrs,
+            client_mode=s.client_mode,
+        )
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        client = CoordinatorClient(s.coordinator, s.rpc_timeout_s)
+        try:
+            return self._run(client, backend)
+        finally:
+            client.close()
+            backend.close()
+
+    def _join(self, client: CoordinatorClient, backend: HivemindBackend, device: torch.device) -> JoinInfo:
+        info = client.join(
+            name=self.settings.name or socket.gethostname(),
+            worker_id=self._identity(),
+            device=describe(device),
+            peer=backend.peer,
+            token=self.settings.token,
+        )
+        self._remember(info.worker_id)
+        log.info("joined worker=%s run=%s round=%d", info.worker_id, info.run_id, info.round)
+        return info
+
+    def _run(self, client: CoordinatorClient, backend: HivemindBackend) -> int:
+        device = pick_device(self.settings.device)
+        info = self._join(client, backend, device)
+        spec = RunSpec.model_validate_json(info.run_spec_json)
+        if spec.sha256() != info.run_spec_sha256:
+            raise RuntimeError(
+                "run spec hash mismatch: the worker and coordinator disagree on the spec format"
+            )
+        corpus = load_stdlib_corpus(spec.corpus_max_bytes)
+        model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
+        layout = ParamLayout.of(model)
+        state = self._download(client, info.worker_id, layout, spec, min_round=info.round)
+        layout.load_into(model, state.params)
+        outer = OuterOptimizer(spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, state.momentum)
+        sampler = ShardSampler(
+            corpus.train, spec.num_data_shards, info.data_shard, spec.seq_len, spec.batch_size, 0
+        )
+        trainer = InnerTrainer(model, spec, sampler, device)
+        heartbeat = Heartbeat(client, info.worker_id, info.heartbeat_interval_s)
+        heartbeat.start()
+        round_, shard, worker_id = state.round, info.data_shard, info.worker_id
+        try:
+            while True:
+                if self.stop_signal.is_set() or heartbeat.stop_requested.is_set():
+                    break
+                if heartbeat.lost_lease.is_set():  # dropped (e.g. paused too long): rejoin and resync
+                    heartbeat.lost_lease.clear()
+                    info = self._join(client, backend, device)
+                    state = self._download(client, worker_id, layout, spec, min_round=info.round)
+                    outer.momentum_buffer = state.momentum
+                    layout.load_into(model, state.params)
+                    round_, shard = state.round, info.data_shard
+                sampler.set_shard(shard, seed=(spec.seed * 1_000_003 + round_ * 7919 + shard) & 0x7FFFFFFF)
+
+                def on_step(step: int, tokens: int, loss: float, r: int = round_) -> None:
+                    heartbeat.progress = Progress(r, step, tokens, loss, 0.0)
+
+                stats = trainer.run(spec.inner_steps, on_step, should_stop=self.stop_signal.is_set)
+                if self.stop_signal.is_set():
+                    break
+                heartbeat.progress = Progress(
+                    round_,
+                    stats.steps,
+                    stats.tokens,
+                    stats.mean_loss,
+                    stats.tokens / max(stats.seconds, 1e-9),
+                )
+                try:
+                    delta = pseudo_gradient(state.params, layout.flatten(model))
+                except BadPseudoGradientError as e:  # never send a broken Δ; start the round over from θ_r
+                    log.error(
+                        "round=%d local training diverged: %s; resetting to the global state", round_, e
+                    )
+                    layout.load_into(model, state.params)
+                    continue
+                answer = client.report_round(
+                    worker_id=worker_id,
+                    round_=round_,
+                    tokens=stats.tokens,
+                    inner_steps=stats.steps,
+                    loss=stats.mean_loss,
+                    seconds=stats.seconds,
+                    wait_s=spec.round_deadline_s + 30,
+                )
+                if not answer.accepted or answer.group is None:
+                    log.warning(
+                        "round=%d not averaged: %s; resyncing to round %d",
+                        round_,
+                        answer.reason,
+                        answer.next_round,
+                    )
+                    state = self._download(client, worker_id, layout, spec, min_round=answer.next_round)
+                    outer.momentum_buffer = state.momentum
+                    layout.load_into(model, state.params)
+                    round_ = state.round
+                    continue
+                result = backend.all_reduce(answer.group, delta, float(stats.tokens))
+                outer.step(state.params, result.average)
+                state.round = round_ + 1
+                checksum = state.checksum
+                commit = client.commit_round(
+                    worker_id=worker_id,
+                    round_=round_,
+                    checksum=checksum,
+                    data_bytes=result.bytes_total,
+                    seconds=result.seconds,
+                    failed_spans=result.failed_spans,
+                    wait_s=2 * spec.allreduce_timeout_s + 60,
+                )
+                self.history.append(
+                    RoundSummary(
+                        round_,
+                        stats.tokens,
+                        stats.mean_loss,
+                        result.bytes_total,
+                        checksum,
+                        commit.instruction,
+                    )
+                )
+                log.info(
+                    "round=%d done tokens=%d loss=%.4f avg_bytes=%d avg_s=%.2f compute_s=%.2f "
+                    "checksum=%s -> %s",
+                    round_,
+                    stats.tokens,
+                    stats.mean_loss,
+                    result.bytes_total,
+                    result.seconds,
+                    stats.seconds,
+                    checksum[:12],
+                    commit.instruction,
+                )
+                if commit.instruction == "resync":
+                    state = self._download(client, worker_id, layout, spec, min_round=commit.next_round)
+                    outer.momentum_buffer = state.momentum
+                layout.load_into(model, state.params)
+                round_, shard = commit.next_round, commit.data_shard
+                if commit.instruction == "stop":
+                    break
+        finally:
+            heartbeat.halt()
+            if not heartbeat.stop_requested.is_set():
+                try:
+                    client.leave(worker_id, "shutting down" if self.stop_signal.is_set() else "done")
+                    log.info("left the run cleanly")
+                except Exception as e:
+                    log.warning("could not say goodbye to the coordinator: %s", e)
+        return 0
+
+    def _download(
+        self, client: CoordinatorClient, worker_id: str, layout: ParamLayout, spec: RunSpec, min_round: int
+    ) -> GlobalState:
+        start = time.monotonic()
+        got = client.get_state(worker_id, min_round, wait_s=spec.round_deadline_s + 60)
+        state = decode_state(layout, got.data, spec.run_id)
+        if got.checksum and got.checksum != state.checksum:
+            raise RuntimeError("downloaded state's checksum differs from the coordinator's claim")
+        log.info(
+            "state synced round=%d bytes=%d seconds=%.2f checksum=%s",
+            state.round,
+            len(got.data),
+            time.monotonic() - start,
+            state.checksum[:12],
+        )
+        return state
