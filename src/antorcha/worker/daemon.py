@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 
 from antorcha.averaging.hivemind_backend import HivemindBackend
@@ -107,157 +108,59 @@ class Worker:
             torch.set_num_threads(s.torch_threads)
         client = CoordinatorClient(s.coordinator, s.rpc_timeout_s)
         try:
-            return self._run(client, backend)
+            session = TrainingSession(self, client, backend, pick_device(s.device))
+            return session.run()
         finally:
             client.close()
             backend.close()
 
-    def _join(self, client: CoordinatorClient, backend: HivemindBackend, device: torch.device) -> JoinInfo:
-        info = client.join(
-            name=self.settings.name or socket.gethostname(),
-            worker_id=self._identity(),
-            device=describe(device),
-            peer=backend.peer,
-            token=self.settings.token,
-        )
-        self._remember(info.worker_id)
-        log.info("joined worker=%s run=%s round=%d", info.worker_id, info.run_id, info.round)
-        return info
 
-    def _run(self, client: CoordinatorClient, backend: HivemindBackend) -> int:
-        device = pick_device(self.settings.device)
-        info = self._join(client, backend, device)
-        spec = RunSpec.model_validate_json(info.run_spec_json)
+class TrainingSession:
+    """One worker's membership in one run: the replica (θ_r, outer momentum), model, data and loop."""
+
+    def __init__(
+        self, worker: Worker, client: CoordinatorClient, backend: HivemindBackend, device: torch.device
+    ) -> None:
+        self.worker, self.client, self.backend, self.device = worker, client, backend, device
+        info = self._join("")
+        self.worker_id = info.worker_id
+        # Heartbeat from the moment we are admitted: loading data and state can outlast a lease.
+        self.heartbeat = Heartbeat(client, info.worker_id, info.heartbeat_interval_s)
+        self.heartbeat.start()
+        self.spec = spec = RunSpec.model_validate_json(info.run_spec_json)
         if spec.sha256() != info.run_spec_sha256:
             raise RuntimeError(
                 "run spec hash mismatch: the worker and coordinator disagree on the spec format"
             )
         corpus = load_stdlib_corpus(spec.corpus_max_bytes)
-        model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
-        layout = ParamLayout.of(model)
-        state = self._download(client, info.worker_id, layout, spec, min_round=info.round)
-        layout.load_into(model, state.params)
-        outer = OuterOptimizer(spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, state.momentum)
-        sampler = ShardSampler(
-            corpus.train, spec.num_data_shards, info.data_shard, spec.seq_len, spec.batch_size, 0
+        self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
+        self.layout = ParamLayout.of(self.model)
+        self.state = self._download(min_round=info.round)
+        self.outer = OuterOptimizer(
+            spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum
         )
-        trainer = InnerTrainer(model, spec, sampler, device)
-        heartbeat = Heartbeat(client, info.worker_id, info.heartbeat_interval_s)
-        heartbeat.start()
-        round_, shard, worker_id = state.round, info.data_shard, info.worker_id
-        try:
-            while True:
-                if self.stop_signal.is_set() or heartbeat.stop_requested.is_set():
-                    break
-                if heartbeat.lost_lease.is_set():  # dropped (e.g. paused too long): rejoin and resync
-                    heartbeat.lost_lease.clear()
-                    info = self._join(client, backend, device)
-                    state = self._download(client, worker_id, layout, spec, min_round=info.round)
-                    outer.momentum_buffer = state.momentum
-                    layout.load_into(model, state.params)
-                    round_, shard = state.round, info.data_shard
-                sampler.set_shard(shard, seed=(spec.seed * 1_000_003 + round_ * 7919 + shard) & 0x7FFFFFFF)
+        self.shard = info.data_shard
+        sampler = ShardSampler(
+            corpus.train, spec.num_data_shards, self.shard, spec.seq_len, spec.batch_size, 0
+        )
+        self.trainer = InnerTrainer(self.model, spec, sampler, device)
 
-                def on_step(step: int, tokens: int, loss: float, r: int = round_) -> None:
-                    heartbeat.progress = Progress(r, step, tokens, loss, 0.0)
+    def _join(self, worker_id: str) -> JoinInfo:
+        info = self.client.join(
+            name=self.worker.settings.name or socket.gethostname(),
+            worker_id=worker_id or self.worker._identity(),
+            device=describe(self.device),
+            peer=self.backend.peer,
+            token=self.worker.settings.token,
+        )
+        self.worker._remember(info.worker_id)
+        log.info("joined worker=%s run=%s round=%d", info.worker_id, info.run_id, info.round)
+        return info
 
-                stats = trainer.run(spec.inner_steps, on_step, should_stop=self.stop_signal.is_set)
-                if self.stop_signal.is_set():
-                    break
-                heartbeat.progress = Progress(
-                    round_,
-                    stats.steps,
-                    stats.tokens,
-                    stats.mean_loss,
-                    stats.tokens / max(stats.seconds, 1e-9),
-                )
-                try:
-                    delta = pseudo_gradient(state.params, layout.flatten(model))
-                except BadPseudoGradientError as e:  # never send a broken Δ; start the round over from θ_r
-                    log.error(
-                        "round=%d local training diverged: %s; resetting to the global state", round_, e
-                    )
-                    layout.load_into(model, state.params)
-                    continue
-                answer = client.report_round(
-                    worker_id=worker_id,
-                    round_=round_,
-                    tokens=stats.tokens,
-                    inner_steps=stats.steps,
-                    loss=stats.mean_loss,
-                    seconds=stats.seconds,
-                    wait_s=spec.round_deadline_s + 30,
-                )
-                if not answer.accepted or answer.group is None:
-                    log.warning(
-                        "round=%d not averaged: %s; resyncing to round %d",
-                        round_,
-                        answer.reason,
-                        answer.next_round,
-                    )
-                    state = self._download(client, worker_id, layout, spec, min_round=answer.next_round)
-                    outer.momentum_buffer = state.momentum
-                    layout.load_into(model, state.params)
-                    round_ = state.round
-                    continue
-                result = backend.all_reduce(answer.group, delta, float(stats.tokens))
-                outer.step(state.params, result.average)
-                state.round = round_ + 1
-                checksum = state.checksum
-                commit = client.commit_round(
-                    worker_id=worker_id,
-                    round_=round_,
-                    checksum=checksum,
-                    data_bytes=result.bytes_total,
-                    seconds=result.seconds,
-                    failed_spans=result.failed_spans,
-                    wait_s=2 * spec.allreduce_timeout_s + 60,
-                )
-                self.history.append(
-                    RoundSummary(
-                        round_,
-                        stats.tokens,
-                        stats.mean_loss,
-                        result.bytes_total,
-                        checksum,
-                        commit.instruction,
-                    )
-                )
-                log.info(
-                    "round=%d done tokens=%d loss=%.4f avg_bytes=%d avg_s=%.2f compute_s=%.2f "
-                    "checksum=%s -> %s",
-                    round_,
-                    stats.tokens,
-                    stats.mean_loss,
-                    result.bytes_total,
-                    result.seconds,
-                    stats.seconds,
-                    checksum[:12],
-                    commit.instruction,
-                )
-                if commit.instruction == "resync":
-                    state = self._download(client, worker_id, layout, spec, min_round=commit.next_round)
-                    outer.momentum_buffer = state.momentum
-                layout.load_into(model, state.params)
-                round_, shard = commit.next_round, commit.data_shard
-                if commit.instruction == "stop":
-                    break
-        finally:
-            heartbeat.halt()
-            if not heartbeat.stop_requested.is_set():
-                try:
-                    client.leave(worker_id, "shutting down" if self.stop_signal.is_set() else "done")
-                    log.info("left the run cleanly")
-                except Exception as e:
-                    log.warning("could not say goodbye to the coordinator: %s", e)
-        return 0
-
-    def _download(
-        self, client: CoordinatorClient, worker_id: str, layout: ParamLayout, spec: RunSpec, min_round: int
-    ) -> GlobalState:
+    def _download(self, min_round: int) -> GlobalState:
         start = time.monotonic()
-        got = client.get_state(worker_id, min_round, wait_s=spec.round_deadline_s + 60)
-        state = decode_state(layout, got.data, spec.run_id)
+        got = self.client.get_state(self.worker_id, min_round, wait_s=self.spec.round_deadline_s + 60)
+        state = decode_state(self.layout, got.data, self.spec.run_id)
         if got.checksum and got.checksum != state.checksum:
             raise RuntimeError("downloaded state's checksum differs from the coordinator's claim")
         log.info(
@@ -267,4 +170,114 @@ class Worker:
             time.monotonic() - start,
             state.checksum[:12],
         )
+        self.layout.load_into(self.model, state.params)
         return state
+
+    def _resync(self, min_round: int) -> None:
+        self.state = self._download(min_round)
+        self.outer.momentum_buffer = self.state.momentum
+
+    @property
+    def _stopping(self) -> bool:
+        return self.worker.stop_signal.is_set() or self.heartbeat.stop_requested.is_set()
+
+    def run(self) -> int:
+        try:
+            while not self._stopping:
+                if self.heartbeat.lost_lease.is_set():  # dropped (e.g. paused too long): rejoin, resync
+                    self.heartbeat.lost_lease.clear()
+                    info = self._join(self.worker_id)
+                    self.shard = info.data_shard
+                    self._resync(info.round)
+                try:
+                    if self._round() == "stop":
+                        break
+                except CoordinatorRefusedError as e:
+                    if e.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    log.warning("the coordinator no longer knows this worker (%s); rejoining", e)
+                    self.heartbeat.lost_lease.set()
+        finally:
+            self.heartbeat.halt()
+            self._leave()
+        return 0
+
+    def _leave(self) -> None:
+        if self.heartbeat.stop_requested.is_set():
+            return  # the coordinator already considers us gone
+        try:
+            self.client.leave(self.worker_id, "shutting down" if self.worker.stop_signal.is_set() else "done")
+            log.info("left the run cleanly")
+        except Exception as e:
+            log.warning("could not say goodbye to the coordinator: %s", e)
+
+    def _round(self) -> str:
+        """Train, average and commit one round; returns "continue", "resync" or "stop"."""
+        spec, round_ = self.spec, self.state.round
+        seed = (spec.seed * 1_000_003 + round_ * 7919 + self.shard) & 0x7FFFFFFF
+        self.trainer.sampler.set_shard(self.shard, seed=seed)
+
+        def on_step(step: int, tokens: int, loss: float) -> None:
+            self.heartbeat.progress = Progress(round_, step, tokens, loss, 0.0)
+
+        stats = self.trainer.run(spec.inner_steps, on_step, should_stop=self.worker.stop_signal.is_set)
+        if self.worker.stop_signal.is_set() or stats.steps == 0:
+            return "stop"
+        rate = stats.tokens / max(stats.seconds, 1e-9)
+        self.heartbeat.progress = Progress(round_, stats.steps, stats.tokens, stats.mean_loss, rate)
+        try:
+            delta = pseudo_gradient(self.state.params, self.layout.flatten(self.model))
+        except BadPseudoGradientError as e:  # never send a broken Δ; train the round again from θ_r
+            log.error("round=%d local training diverged: %s; resetting to the global state", round_, e)
+            self.layout.load_into(self.model, self.state.params)
+            return "continue"
+        answer = self.client.report_round(
+            worker_id=self.worker_id,
+            round_=round_,
+            tokens=stats.tokens,
+            inner_steps=stats.steps,
+            loss=stats.mean_loss,
+            seconds=stats.seconds,
+            wait_s=spec.round_deadline_s + 30,
+        )
+        if not answer.accepted or answer.group is None:
+            log.warning(
+                "round=%d not averaged: %s; resyncing to round %d", round_, answer.reason, answer.next_round
+            )
+            self._resync(answer.next_round)
+            return "resync"
+        result = self.backend.all_reduce(answer.group, delta, float(stats.tokens))
+        self.outer.step(self.state.params, result.average)
+        self.state.round = round_ + 1
+        checksum = self.state.checksum
+        commit = self.client.commit_round(
+            worker_id=self.worker_id,
+            round_=round_,
+            checksum=checksum,
+            data_bytes=result.bytes_total,
+            seconds=result.seconds,
+            failed_spans=result.failed_spans,
+            wait_s=2 * spec.allreduce_timeout_s + 60,
+        )
+        self.worker.history.append(
+            RoundSummary(
+                round_, stats.tokens, stats.mean_loss, result.bytes_total, checksum, commit.instruction
+            )
+        )
+        log.info(
+            "round=%d done tokens=%d loss=%.4f avg_bytes=%d avg_s=%.2f compute_s=%.2f checksum=%s -> %s",
+            round_,
+            stats.tokens,
+            stats.mean_loss,
+            result.bytes_total,
+            result.seconds,
+            stats.seconds,
+            checksum[:12],
+            commit.instruction,
+        )
+        self.shard = commit.data_shard
+        if commit.instruction == "resync":
+            self._resync(commit.next_round)
+        else:
+            self.layout.load_into(self.model, self.state.params)
+        return commit.instruction
