@@ -37,6 +37,7 @@ T = TypeVar("T")
 HANDLER_NAME = "antorcha.v1.ReducePart"
 _MAX_SESSIONS = 8  # groups whose results stay available to late members
 _CONCURRENT_CALLS_PER_PEER = 4
+_DELIVERY_GRACE_S = 1.0
 
 
 class HivemindBackend:
@@ -115,6 +116,7 @@ class HivemindBackend:
         try:
             session.contribute(sender, request.chunk, request.weight, request.payload, request.num_elements)
         except RejectedContribution as e:
+            session.mark_served(sender, request.chunk)  # answered; it will not come back for this chunk
             return pb.ReducePartResponse(status=pb.REDUCE_REJECTED, reason=str(e))
         try:
             result = await session.result(request.chunk, timeout=3 * session.group.timeout_s)
@@ -223,6 +225,8 @@ class HivemindBackend:
         if pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+        # A result counts as served when our handler returns it; p2pd still has to deliver the bytes.
+        await asyncio.sleep(_DELIVERY_GRACE_S)
 
     async def _shutdown(self) -> None:
         await self._drain(timeout_s=10.0)

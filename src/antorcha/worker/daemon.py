@@ -81,13 +81,19 @@ class Worker:
         self.stop_signal = threading.Event()
         self.history: list[RoundSummary] = []
 
-    def _identity(self) -> str:
+    def _identity_path(self) -> Path | None:
         path = self.settings.identity_file
-        return Path(path).read_text().strip() if path and Path(path).exists() else ""
+        return Path(path).expanduser() if path else None
+
+    def _identity(self) -> str:
+        path = self._identity_path()
+        return path.read_text().strip() if path is not None and path.exists() else ""
 
     def _remember(self, worker_id: str) -> None:
-        if self.settings.identity_file:
-            Path(self.settings.identity_file).write_text(worker_id)
+        path = self._identity_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(worker_id)
 
     def run(self) -> int:
         """Train until the run finishes, the coordinator says stop, or SIGTERM. Returns an exit code."""
