@@ -15,9 +15,9 @@ from antorcha.logs import setup_logging
 
 
 def _coordinator(args: argparse.Namespace) -> int:
+    config = load_config(CoordinatorConfig, args.config)  # refuse a bad config before heavy imports
     from antorcha.coordinator.server import serve
 
-    config = load_config(CoordinatorConfig, args.config)
     if args.port is not None:
         config = config.model_copy(
             update={"coordinator": config.coordinator.model_copy(update={"port": args.port})}
@@ -28,9 +28,9 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    config = load_config(WorkerConfig, args.config)
     from antorcha.worker.daemon import Worker
 
-    config = load_config(WorkerConfig, args.config)
     updates = {
         k: v
         for k, v in {"coordinator": args.coordinator, "name": args.name, "device": args.device}.items()
@@ -45,7 +45,9 @@ def _worker(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from antorcha.demo import run_demo
 
-    return run_demo(args.workers, args.rounds, args.json, Path(args.workdir) if args.workdir else None)
+    rounds = args.rounds if args.rounds is not None else (8 if args.churn else 6)
+    workdir = Path(args.workdir) if args.workdir else None
+    return run_demo(args.workers, rounds, args.json, workdir, churn=args.churn)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a coordinator and workers locally and show training")
     p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=None, help="rounds to train (default 6; 8 with --churn)")
+    p.add_argument("--churn", action="store_true", help="workers join, leave and crash during the run")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--workdir", help="where logs and configs go (default: a new temp folder)")
     p.set_defaults(fn=_demo)

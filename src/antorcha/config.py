@@ -51,7 +51,11 @@ class RunSpec(_Strict):
         30.0, gt=0, description="Give up on a silent averaging peer after this."
     )
     eval_batches: int = Field(8, ge=1, description="Held-out batches evaluated after every round.")
-    num_data_shards: int = Field(64, ge=1, description="Training data is split into this many shards.")
+    num_data_shards: int = Field(
+        0,
+        ge=0,
+        description="Shards of the training split; 0 = one round's worth of one worker's tokens each.",
+    )
     corpus_max_bytes: int = Field(8_000_000, ge=100_000, description="Bytes of the offline corpus to use.")
     seed: int = Field(0, description="Seed of the initial parameters and data order.")
 
@@ -76,7 +80,10 @@ class CoordinatorSettings(_Strict):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
     state_chunk_bytes: int = Field(1024 * 1024, ge=1024, description="Size of streamed state chunks.")
     torch_threads: int = Field(1, ge=1, description="CPU threads for the coordinator's replica.")
-    status_file: str = Field("", description="Write the run status as JSON here after every round.")
+    data_dir: str = Field(
+        "", description="Where the run's database and checkpoints live; empty = keep nothing."
+    )
+    checkpoints_keep: int = Field(3, ge=1, description="How many of the newest checkpoints to keep.")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> CoordinatorSettings:
@@ -100,6 +107,12 @@ class WorkerSettings(_Strict):
     token: str = Field("", description="Join token given by the operator.")
     identity_file: str = Field("", description="Keep the worker id here to resume it after a restart.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of ordinary RPCs to the coordinator.")
+    slowdown: float = Field(
+        1.0, ge=1.0, description="Emulate slower hardware: each inner step takes this many times longer."
+    )
+    fault_plan: str = Field(
+        "", description="Chaos testing: JSON list of faults (see antorcha.worker.faults)."
+    )
 
 
 class CoordinatorConfig(_Strict):
@@ -115,7 +128,15 @@ class WorkerConfig(_Strict):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
 
-def _env_overrides(environ: dict[str, str], sections: set[str]) -> dict[str, dict[str, Any]]:
+def _is_text_field(model: type[BaseModel], section: str, field: str) -> bool:
+    section_type = model.model_fields[section].annotation
+    fields = getattr(section_type, "model_fields", {})
+    return field in fields and fields[field].annotation is str
+
+
+def _env_overrides(
+    model: type[BaseModel], environ: dict[str, str], sections: set[str]
+) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
@@ -123,11 +144,14 @@ def _env_overrides(environ: dict[str, str], sections: set[str]) -> dict[str, dic
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
         if section not in sections:
             continue
-        # Values are parsed as TOML so numbers, booleans and lists keep their types.
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
+        # Values are parsed as TOML so numbers, booleans and lists keep their types, except for text
+        # fields, where "2024" or "true" is meant literally.
+        parsed: Any = value
+        if not _is_text_field(model, section, field):
+            try:
+                parsed = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = value
         overrides.setdefault(section, {})[field] = parsed
     return overrides
 
@@ -154,8 +178,11 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from e
     sections = set(model.model_fields)
-    for section, fields in _env_overrides(dict(os.environ if environ is None else environ), sections).items():
+    env = dict(os.environ if environ is None else environ)
+    for section, fields in _env_overrides(model, env, sections).items():
         data.setdefault(section, {}).update(fields)
     try:
         return model.model_validate(data)

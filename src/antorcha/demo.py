@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ def demo_run_spec(rounds: int, workers: int) -> dict[str, Any]:
 def summarize(status: pb.RunStatus, workers: int) -> dict[str, Any]:
     rounds = list(status.rounds)
     final = rounds[-1].eval_loss if rounds else math.nan
+    recorded = {r.round for r in rounds}
     return {
         "rounds": len(rounds),
         "workers": workers,
@@ -65,28 +67,77 @@ def summarize(status: pb.RunStatus, workers: int) -> dict[str, Any]:
         "state_bytes": status.state_bytes,
         "control_plane_bytes": status.control_plane_bytes,
         "replicas_consistent": bool(status.replicas_consistent) and len(rounds) > 0,
+        "joins": status.joins,
+        "leaves": status.leaves,
+        "crashes": status.crashes,
+        "resyncs": status.resyncs,
+        # Rounds the coordinator moved past without a record: a gap in the round log.
+        "rounds_lost": status.round - len(recorded) + len([r for r in recorded if r >= status.round]),
     }
 
 
+class ChurnSchedule:
+    """Joins, a graceful leave and a crash at fixed rounds, so `--churn` shows elasticity live."""
+
+    def __init__(self, cluster: LocalCluster, workers: int) -> None:
+        self.cluster, self.workers = cluster, workers
+        self.steps: list[tuple[int, str, str]] = [
+            (1, "join", f"worker-{workers}"),
+            (2, "leave", "worker-0"),
+            (3, "join", f"worker-{workers + 1}"),
+            (5, "join", f"worker-{workers + 2}"),
+        ]
+
+    def crash_plans(self) -> dict[str, str]:
+        # worker-1 dies with SIGKILL in the middle of round 3's averaging, by plan (not by timer).
+        return {"worker-1": '[{"round": 3, "phase": "allreduce", "action": "kill"}]'}
+
+    def advance(self, round_: int, say: Any) -> None:
+        while self.steps and round_ >= self.steps[0][0]:
+            _, action, name = self.steps.pop(0)
+            if action == "join":
+                self.cluster.start_worker(name)
+                say(f"  + {name} joins at round {round_}")
+            else:
+                self.cluster.kill(self.cluster.workers[name], signal.SIGTERM)
+                say(f"  - {name} leaves (SIGTERM) at round {round_}")
+
+
 def run_demo(
-    workers: int, rounds: int, as_json: bool, workdir: Path | None = None, timeout_s: float = 900
+    workers: int,
+    rounds: int,
+    as_json: bool,
+    workdir: Path | None = None,
+    timeout_s: float = 900,
+    churn: bool = False,
 ) -> int:
     out = sys.stdout
     tty = out.isatty()
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="antorcha-demo-"))
-    cluster = LocalCluster(base, run=demo_run_spec(rounds, workers), coordinator={"lease_s": 6.0})
+    cluster = LocalCluster(
+        base,
+        run=demo_run_spec(rounds, workers),
+        coordinator={"lease_s": 6.0, "data_dir": str(base / "coordinator-data")},
+    )
+    schedule = ChurnSchedule(cluster, workers) if churn else None
     start = time.monotonic()
     try:
         address = cluster.start_coordinator()
         print(f"coordinator on {address}; logs in {base}", file=out)
         print(f"  watch it: antorcha status --coordinator {address}", file=out)
+        plans = schedule.crash_plans() if schedule else {}
         for i in range(workers):
-            cluster.start_worker(f"worker-{i}")
+            name = f"worker-{i}"
+            cluster.start_worker(name, {"fault_plan": plans[name]} if name in plans else None)
         print(HEADER, file=out, flush=True)
         shown = 0
         deadline = start + timeout_s
         while True:
             status = cluster.status()
+            if schedule is not None:
+                schedule.advance(
+                    status.round, lambda line: print(("\r" if tty else "") + line, file=out, flush=True)
+                )
             done = [r for r in status.rounds if math.isfinite(r.eval_loss)]
             for r in done[shown:]:
                 print(("\r" if tty else "") + _row(r) + (" " * 10 if tty else ""), file=out, flush=True)
@@ -102,7 +153,7 @@ def run_demo(
                 print(f"demo timed out after {timeout_s}s", file=sys.stderr)
                 return 1
             for name, proc in cluster.workers.items():
-                if proc.poll() not in (None, 0):
+                if proc.poll() not in (None, 0) and not (schedule and name in schedule.crash_plans()):
                     print(f"{name} crashed ({proc.returncode}):\n{cluster.tail(name)}", file=sys.stderr)
                     return 1
             time.sleep(0.5)
@@ -110,7 +161,8 @@ def run_demo(
         status = cluster.status()
         summary = summarize(status, workers)
         summary["seconds"] = round(time.monotonic() - start, 1)
-        failed = {n: c for n, c in codes.items() if c != 0}
+        expected_dead = set(schedule.crash_plans()) if schedule else set()
+        failed = {n: c for n, c in codes.items() if c != 0 and n not in expected_dead}
         drop = 1 - summary["final_eval_loss"] / summary["initial_eval_loss"]
         print(
             f"done: {summary['rounds']} rounds, eval loss {summary['initial_eval_loss']:.3f} → "

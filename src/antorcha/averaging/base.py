@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,7 +61,13 @@ class AveragingBackend(Protocol):
     @property
     def peer(self) -> PeerDescriptor: ...
 
-    def all_reduce(self, group: AveragingGroup, vector: torch.Tensor, weight: float) -> AllReduceResult:
+    def all_reduce(
+        self,
+        group: AveragingGroup,
+        vector: torch.Tensor,
+        weight: float,
+        on_exchange: Callable[[], object] | None = None,
+    ) -> AllReduceResult:
         """Average `vector` (flat fp32 CPU) with the group's members, weighted; blocks until done."""
         ...
 

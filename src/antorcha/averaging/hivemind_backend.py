@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import hivemind
@@ -48,6 +48,7 @@ class HivemindBackend:
         host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
         announce_maddrs: Sequence[str] = (),
         client_mode: bool = False,
+        identity_path: str | None = None,
         start_timeout_s: float = 60.0,
     ) -> None:
         # The DHT forks its own process: start it before any thread exists in this one.
@@ -56,6 +57,7 @@ class HivemindBackend:
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) or None,
             client_mode=client_mode,
+            identity_path=identity_path,
             start=True,
             await_ready=True,
         )
@@ -134,11 +136,23 @@ class HivemindBackend:
 
     # ---- sending side --------------------------------------------------------------------------
 
-    def all_reduce(self, group: AveragingGroup, vector: torch.Tensor, weight: float) -> AllReduceResult:
-        return self._run(self._all_reduce(group, vector.detach().to("cpu", torch.float32), weight), None)
+    def all_reduce(
+        self,
+        group: AveragingGroup,
+        vector: torch.Tensor,
+        weight: float,
+        on_exchange: Callable[[], object] | None = None,
+    ) -> AllReduceResult:
+        """`on_exchange` is called after each chunk exchange (fault injection, progress)."""
+        flat = vector.detach().to("cpu", torch.float32)
+        return self._run(self._all_reduce(group, flat, weight, on_exchange), None)
 
     async def _all_reduce(
-        self, group: AveragingGroup, vector: torch.Tensor, weight: float
+        self,
+        group: AveragingGroup,
+        vector: torch.Tensor,
+        weight: float,
+        on_exchange: Callable[[], object] | None,
     ) -> AllReduceResult:
         start = time.monotonic()
         me = self._peer.peer_id
@@ -168,6 +182,8 @@ class HivemindBackend:
                     response = await self._call(member.peer_id, member.maddrs, request, group.timeout_s)
                     result.bytes_sent += request.ByteSize()
                     result.bytes_received += response.ByteSize()
+            if on_exchange is not None:
+                on_exchange()
             if response.status == pb.REDUCE_OK:
                 result.average[lo:hi] = codecs.decode(group.codec, response.payload, hi - lo)
                 result.contributors[span_index] = response.contributors

@@ -2,9 +2,11 @@
 
 A session collects each sender's chunks, weights them by the tokens the coordinator assigned to that
 sender, and finalizes every chunk exactly once: the average is encoded one time and those same bytes
-answer every member. A sender that sends garbage (wrong size, NaN/Inf, a weight it was not given) or
-goes silent for longer than the group's timeout is banned from the whole session, so each chunk of a
-span averages the same set of senders whenever possible, and the round goes on without it.
+answer every member. A sender that sends garbage (wrong size, NaN/Inf, a weight it was not given, the
+same chunk twice) or goes silent for longer than the group's timeout is banned from the whole session,
+so each chunk of a span averages the same set of senders whenever possible, and the round goes on
+without it. (What a sender contributed before its ban stays in chunks already summed; keeping every
+sender's chunk apart to undo that would cost memory per sender.)
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class ReduceSession:
         self.banned: dict[str, str] = {}
         self.served: list[set[str]] = [set() for _ in self.chunks]
         self.fully_served = asyncio.Event()
-        started = time.monotonic() if now is None else now
-        self.last_activity = dict.fromkeys(self.sender_weights, started)
+        # A session given an explicit clock (simulations, tests) keeps to the latest time it was told.
+        self._explicit_clock = now is not None
+        self._now = time.monotonic() if now is None else now
+        self.last_activity = dict.fromkeys(self.sender_weights, self._now)
 
     @property
     def done(self) -> bool:
@@ -104,7 +108,7 @@ class ReduceSession:
         except (codecs.CodecError, RejectedContribution) as e:
             self.ban(sender, str(e))
             raise RejectedContribution(str(e)) from None
-        self.last_activity[sender] = time.monotonic()
+        self.last_activity[sender] = self._now if self._explicit_clock else time.monotonic()
         self._maybe_finalize(chunk)
 
     def ban(self, sender: str, reason: str) -> None:
@@ -117,6 +121,7 @@ class ReduceSession:
 
     def expire_silent_senders(self, now: float) -> None:
         """Ban senders that made no progress for the group's timeout and still owe chunks."""
+        self._now = max(self._now, now)
         for sender, last in self.last_activity.items():
             if sender in self.banned:
                 continue
@@ -147,7 +152,8 @@ class ReduceSession:
     def mark_served(self, member: str, chunk: int) -> None:
         """A member got the result of a chunk; once all have every chunk the session may end."""
         self.served[chunk].add(member)
-        if all(self.members <= s for s in self.served):
+        expected = self.members - set(self.banned)  # a banned member may never come back for results
+        if all(expected <= s for s in self.served):
             self.fully_served.set()
 
     async def watch(self, interval: float = 0.1) -> None:

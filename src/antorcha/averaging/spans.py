@@ -31,8 +31,10 @@ def span_layout(total: int, group: AveragingGroup) -> list[Span]:
     fractions = [max(0.0, m.reduce_fraction) for m in group.members]
     if sum(fractions) <= 0:
         raise ValueError(f"group {group.group_id} has no member that can reduce")
-    # Scale to integer weights first: float sums in different orders must not move a boundary.
-    units = [round(f * 1_000_000) for f in fractions]
+    # Scale to integer weights first (relative to the largest, so tiny fractions survive): float sums
+    # in different orders must not move a boundary.
+    largest = max(fractions)
+    units = [round(f / largest * 1_000_000) for f in fractions]
     total_units = sum(units)
     spans, start, acc = [], 0, 0
     for i, u in enumerate(units):

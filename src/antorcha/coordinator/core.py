@@ -1,6 +1,10 @@
-"""The coordinator's brain in one asyncio loop: it feeds events to the pure membership and round
-machines, runs the coordinator's replica through each round's all-reduce, and wakes the RPCs that
-long-poll on rounds. It knows nothing of gRPC; the servicer in `service` translates for it.
+"""The coordinator's brain in one asyncio loop: it feeds events to the pure membership, round and
+data-ledger machines, runs the coordinator's replica through each round's all-reduce, persists what
+must survive a crash, and wakes the RPCs that long-poll on rounds. It knows nothing of gRPC.
+
+Order at the end of a round (what makes a restart lose nothing and count nothing twice): all-reduce →
+outer step on the replica → the round's row, trained shards and worker stats in one transaction →
+checkpoint file → only then are workers' commits answered.
 """
 
 from __future__ import annotations
@@ -10,18 +14,25 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup, GroupMember
 from antorcha.config import CoordinatorSettings, RunSpec
+from antorcha.coordinator.checkpoints import CheckpointStore, CheckpointWriteError
+from antorcha.coordinator.ledger import DataLedger, Lease
 from antorcha.coordinator.membership import Membership, WorkerRecord
 from antorcha.coordinator.replica import CoordinatorReplica
-from antorcha.coordinator.rounds import Phase, Report, RoundMachine, assign_shard
+from antorcha.coordinator.rounds import Phase, Report, RoundMachine
+from antorcha.coordinator.store import RunStore
+from antorcha.diloco.state import decode_state
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,8 +69,16 @@ class CommitOutcome:
     stop: bool
     reason: str
     next_round: int
-    data_shard: int
     expected_checksum: str
+
+
+@dataclass
+class Counters:
+    joins: int = 0
+    leaves: int = 0
+    crashes: int = 0
+    resyncs: int = 0
+    restarts: int = 0
 
 
 class CoordinatorCore:
@@ -69,11 +88,16 @@ class CoordinatorCore:
         settings: CoordinatorSettings,
         replica: CoordinatorReplica,
         backend: AveragingBackend,
+        store: RunStore | None = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         self.spec, self.settings, self.replica, self.backend = spec, settings, replica, backend
+        self.store, self.checkpoints = store, checkpoints
         self.members = Membership(settings.lease_s)
         self.rounds = RoundMachine(spec.max_rounds, spec.min_workers, spec.round_deadline_s)
+        self.ledger = DataLedger(replica.num_data_shards, seed=spec.seed)
         self.history: list[RoundLog] = []
+        self.counters = Counters()
         self.initial_eval_loss = math.nan
         self.state_bytes = 0
         self.control_plane_bytes = 0
@@ -87,8 +111,84 @@ class CoordinatorCore:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.initial_eval_loss = await self.in_replica(self.replica.evaluate)
-        log.info("initial eval loss=%.4f params=%d", self.initial_eval_loss, self.replica.num_parameters)
+        resumed = self.store is not None and self.store.bind_run(
+            self.spec.model_dump_json(), self.spec.sha256()
+        )
+        if resumed:
+            await self._restore()
+        if math.isnan(self.initial_eval_loss):
+            self.initial_eval_loss = await self.in_replica(self.replica.evaluate)
+        if self.store is not None:
+            self.store.set_meta("initial_eval_loss", repr(self.initial_eval_loss))
+        if self.checkpoints is not None and self.checkpoints.latest_round() is None:
+            await self._checkpoint()  # θ_0, so a restart before round 0 ends finds the same start
+        log.info(
+            "coordinator ready round=%d params=%d shards=%d initial_eval_loss=%.4f resumed=%s",
+            self.rounds.round,
+            self.replica.num_parameters,
+            self.ledger.num_shards,
+            self.initial_eval_loss,
+            resumed,
+        )
+
+    async def _restore(self) -> None:
+        assert self.store is not None
+        loaded = None
+        if self.checkpoints is not None:
+            layout, run_id = self.replica.layout, self.spec.run_id
+            loaded = await self.in_replica(
+                self.checkpoints.load_latest, lambda b: decode_state(layout, b, run_id)
+            )
+        start_round = 0
+        if loaded is not None:
+            info, state = loaded
+            self.replica.restore(state)
+            start_round = state.round
+            log.info(
+                "restored checkpoint round=%d path=%s checksum=%s", state.round, info.path, info.checksum
+            )
+        dropped = self.store.truncate_after(start_round)
+        if dropped:
+            log.warning(
+                "dropped %d round rows past the newest valid checkpoint (round %d)", dropped, start_round
+            )
+        self.history = [self._round_from_row(row) for row in self.store.load_rounds()]
+        self.store.load_members(self.members, time.monotonic())
+        self.store.load_ledger(self.ledger)
+        self.store.load_leases(self.ledger)
+        self.rounds.round = start_round
+        if self.spec.max_rounds and start_round >= self.spec.max_rounds:
+            self.rounds.phase = Phase.FINISHED
+        initial = self.store.get_meta("initial_eval_loss")
+        self.initial_eval_loss = float(initial) if initial is not None else math.nan
+        counts = self.store.event_counts()
+        self.counters = Counters(
+            joins=counts.get("join", 0),
+            leaves=counts.get("leave", 0),
+            crashes=counts.get("crash", 0),
+            resyncs=counts.get("resync", 0),
+            restarts=counts.get("restart", 0) + 1,
+        )
+        self.state_bytes = int(self.store.get_meta("state_bytes") or 0)
+        self.control_plane_bytes = int(self.store.get_meta("control_plane_bytes") or 0)
+        self.store.add_event("restart", round_=start_round, detail=f"resumed at round {start_round}")
+
+    @staticmethod
+    def _round_from_row(row: dict[str, Any]) -> RoundLog:
+        entry = RoundLog(
+            round=row["round"],
+            workers=row["workers"],
+            tokens=row["tokens"],
+            train_loss=math.nan if row["train_loss"] is None else row["train_loss"],
+            eval_loss=math.nan if row["eval_loss"] is None else row["eval_loss"],
+            data_plane_bytes=row["data_plane_bytes"],
+            seconds=row["seconds"],
+            checksum=row["checksum"],
+            failed_spans=row["failed_spans"],
+        )
+        if not row["consistent"]:
+            entry.commits["?"] = "mismatch recorded before restart"
+        return entry
 
     async def run_ticks(self) -> None:
         while True:
@@ -98,6 +198,10 @@ class CoordinatorCore:
     def tick(self, now: float) -> None:
         for worker_id, reason in self.members.expire(now):
             log.warning("lease expired worker=%s reason=%s", worker_id, reason)
+            self.counters.crashes += 1
+            self.ledger.release(worker_id)
+            self._record_worker(worker_id, "crash", reason)
+            self._persist_leases()
         before = self.rounds.phase
         decision = self.rounds.tick(now, self._active_ids())
         if self.rounds.phase == Phase.TRAINING and before != Phase.TRAINING:
@@ -110,19 +214,24 @@ class CoordinatorCore:
             self._future(self._group_ready, self.rounds.round).set_result(group)
             asyncio.get_running_loop().create_task(self._average(self.rounds.round, group))
 
+    def _record_worker(self, worker_id: str, event: str, detail: str = "") -> None:
+        if self.store is not None:
+            self.store.save_worker(self.members.workers[worker_id])
+            self.store.add_event(event, worker_id, self.rounds.round, detail)
+
     def _active_ids(self) -> set[str]:
         """Workers a round waits for: active and not on their way out."""
         return {r.worker_id for r in self.members.active() if not r.leaving}
 
     @staticmethod
-    def _future(table: dict[int, asyncio.Future], round_: int) -> asyncio.Future:
+    def _future(table: dict[int, asyncio.Future[Any]], round_: int) -> asyncio.Future[Any]:
         if round_ not in table:
             table[round_] = asyncio.get_running_loop().create_future()
             for old in [r for r in table if r < round_ - 4]:  # long-polls never look this far back
                 del table[old]
         return table[round_]
 
-    async def in_replica(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def in_replica(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ---- rounds --------------------------------------------------------------------------------
@@ -131,13 +240,10 @@ class CoordinatorCore:
         me = self.backend.peer
         members = [GroupMember(me.peer_id, me.maddrs, 0.0, 0.0 if me.client_mode else 1.0, "")]
         for worker_id in worker_ids:
-            record = self.members.workers[worker_id]
-            report = self.rounds.reports[worker_id]
-            fraction = 0.0 if record.peer.client_mode else 1.0
+            peer = self.members.workers[worker_id].peer
+            tokens = float(self.rounds.reports[worker_id].tokens)
             members.append(
-                GroupMember(
-                    record.peer.peer_id, record.peer.maddrs, float(report.tokens), fraction, worker_id
-                )
+                GroupMember(peer.peer_id, peer.maddrs, tokens, 0.0 if peer.client_mode else 1.0, worker_id)
             )
         group_id = f"{self.spec.run_id}.r{self.rounds.round}.{uuid.uuid4().hex[:8]}"
         return AveragingGroup(group_id, tuple(members), self.spec.codec, self.spec.allreduce_timeout_s)
@@ -162,11 +268,23 @@ class CoordinatorCore:
             entry.checksum = self.replica.checksum
         entry.seconds = time.monotonic() - self._round_started
         for worker_id in reports:
-            if worker_id in self.members.workers:
-                self.members.workers[worker_id].rounds_contributed += 1
+            self.members.workers[worker_id].rounds_contributed += 1
+        trained = self.ledger.complete_round(round_, set(reports))
         self.history.append(entry)
-        for worker_id in self.members.apply_leaves():
-            log.info("worker left at round boundary worker=%s round=%d", worker_id, round_)
+        left = self.members.apply_leaves()
+        self.counters.leaves += len(left)
+        if self.store is not None:
+            with self.store.transaction():
+                self.store.save_round(entry)
+                self.store.save_trained(trained)
+                self.store.save_leases(self.ledger)
+                for worker_id in reports:
+                    self.store.save_worker(self.members.workers[worker_id])
+                for worker_id in left:
+                    self._record_worker(worker_id, "leave")
+                self.store.set_meta("state_bytes", str(self.state_bytes))
+                self.store.set_meta("control_plane_bytes", str(self.control_plane_bytes))
+        await self._checkpoint()
         now = time.monotonic()
         reason = self.rounds.close(now, self._active_ids())
         self._round_started = now
@@ -176,28 +294,65 @@ class CoordinatorCore:
             self._state_changed.notify_all()
         entry.eval_loss = await self.in_replica(self.replica.evaluate)
         log.info("round=%d eval_loss=%.4f", round_, entry.eval_loss)
+        self._persist_round_update(entry)
+
+    def _persist_round_update(self, entry: RoundLog) -> None:
+        if self.store is not None:
+            self.store.update_round(
+                entry.round,
+                eval_loss=entry.eval_loss,
+                data_plane_bytes=entry.data_plane_bytes,
+                consistent=entry.consistent,
+            )
+
+    async def _checkpoint(self) -> None:
+        if self.checkpoints is None:
+            return
+        round_, data, _ = await self.in_replica(self.replica.encoded)
+        try:
+            await self.in_replica(self.checkpoints.save, round_, data, self.replica.checksum)
+        except CheckpointWriteError as e:  # e.g. a full disk: keep training, the older checkpoint stays
+            log.error("checkpoint of round %d not written: %s", round_, e)
+            if self.store is not None:
+                self.store.add_event("checkpoint_failed", round_=round_, detail=str(e))
 
     # ---- what the RPCs ask -------------------------------------------------------------------
 
-    def join(self, **kwargs) -> tuple[WorkerRecord, str]:  # type: ignore[no-untyped-def]
+    def join(self, **kwargs: Any) -> tuple[WorkerRecord, str]:
         record, reason = self.members.join(now=time.monotonic(), **kwargs)
         log.info("join %s", reason)
+        self.counters.joins += 1
+        self._record_worker(record.worker_id, "join", reason)
         return record, reason
 
-    def current_shard(self, worker_id: str, round_: int) -> int:
-        active = self.members.active()
-        rank = next((i for i, r in enumerate(active) if r.worker_id == worker_id), 0)
-        return assign_shard(round_, rank, len(active), self.spec.num_data_shards)
+    def leave(self, worker_id: str) -> str:
+        reason = self.members.request_leave(worker_id)
+        self.ledger.release(worker_id)
+        self._persist_leases()
+        return reason
+
+    def _persist_leases(self) -> None:
+        if self.store is not None:
+            self.store.save_leases(self.ledger)
+
+    def lease_data(self, worker_id: str, round_: int) -> Lease:
+        self.members.touch(worker_id, time.monotonic())
+        lease, reason = self.ledger.lease(worker_id, round_)
+        log.debug("lease %s", reason)
+        self._persist_leases()
+        return lease
 
     def start_round_for_joiner(self) -> int:
-        """A joiner trains in the round after the latest finished one (it downloads that state)."""
-        return self.replica.state.round
+        """The round a joiner trains in: the open one, or the next if this one is already averaging."""
+        if self.rounds.phase == Phase.AVERAGING:
+            return self.rounds.round + 1
+        return self.rounds.round
 
     async def report(self, worker_id: str, round_: int, report: Report, wait_s: float) -> GroupOutcome:
         self.members.touch(worker_id, time.monotonic())
         accepted, reason = self.rounds.report(round_, report)
         if not accepted:
-            return GroupOutcome(False, reason, None, self.rounds.round)
+            return GroupOutcome(False, reason, None, self.start_round_for_joiner())
         self.tick(time.monotonic())  # the last report forms the group at once
         try:
             group = await asyncio.wait_for(asyncio.shield(self._future(self._group_ready, round_)), wait_s)
@@ -211,23 +366,31 @@ class CoordinatorCore:
         self, worker_id: str, round_: int, checksum: str, data_bytes: int, wait_s: float
     ) -> CommitOutcome:
         self.members.touch(worker_id, time.monotonic())
+        known = round_ in self._round_closed or (
+            self.rounds.round == round_ and self.rounds.phase == Phase.AVERAGING
+        )
+        if not known:
+            # Not a round this coordinator averaged (e.g. it restarted mid-round): start over from its state.
+            self.counters.resyncs += 1
+            return CommitOutcome(True, False, f"round {round_} is unknown here", self.replica.state.round, "")
         expected = await asyncio.wait_for(asyncio.shield(self._future(self._round_closed, round_)), wait_s)
         entry = next((h for h in reversed(self.history) if h.round == round_), None)
         if entry is not None:
             entry.commits[worker_id] = checksum
             entry.data_plane_bytes += data_bytes
+            self._persist_round_update(entry)
         stop = self.rounds.phase == Phase.FINISHED
-        next_round = round_ + 1
-        shard = self.current_shard(worker_id, next_round)
         if checksum != expected:
             log.warning(
                 "checksum mismatch worker=%s round=%d got=%s want=%s", worker_id, round_, checksum, expected
             )
+            self.counters.resyncs += 1
+            if self.store is not None:
+                self.store.add_event("resync", worker_id, round_, "checksum differs")
             return CommitOutcome(
-                True, stop, "checksum differs from the coordinator's replica", next_round, shard, expected
+                True, stop, "checksum differs from the coordinator's replica", round_ + 1, expected
             )
-        reason = "run finished" if stop else "ok"
-        return CommitOutcome(False, stop, reason, next_round, shard, expected)
+        return CommitOutcome(False, stop, "run finished" if stop else "ok", round_ + 1, expected)
 
     async def wait_for_state(self, min_round: int, wait_s: float) -> None:
         async with self._state_changed:
@@ -241,3 +404,5 @@ class CoordinatorCore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()

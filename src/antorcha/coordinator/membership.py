@@ -42,7 +42,7 @@ class Membership:
     def __init__(self, lease_s: float) -> None:
         self.lease_s = lease_s
         self.workers: dict[str, WorkerRecord] = {}
-        self._next_slot = 0
+        self.next_slot = 0
 
     def join(
         self, *, name: str, peer: PeerDescriptor, device: DeviceInfo, now: float, worker_id: str = ""
@@ -54,8 +54,8 @@ class Membership:
             known.state, known.leaving, known.last_seen = WorkerState.ACTIVE, False, now
             return known, f"worker {worker_id} rejoined (was {previous})"
         new_id = worker_id or f"w-{uuid.uuid4().hex[:10]}"
-        record = WorkerRecord(new_id, name or new_id, peer, device, self._next_slot, now, now)
-        self._next_slot += 1
+        record = WorkerRecord(new_id, name or new_id, peer, device, self.next_slot, now, now)
+        self.next_slot += 1
         self.workers[new_id] = record
         return record, f"worker {new_id} admitted as slot {record.slot}"
 

@@ -8,7 +8,7 @@ import threading
 import torch
 
 from antorcha.config import RunSpec
-from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus, shards_for_rounds
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.pseudo_gradient import check_finite
@@ -21,6 +21,10 @@ class CoordinatorReplica:
         self.spec = spec
         corpus = load_stdlib_corpus(spec.corpus_max_bytes)
         self.corpus_fingerprint = corpus.fingerprint
+        tokens_per_round = spec.inner_steps * spec.batch_size * spec.seq_len
+        self.num_data_shards = spec.num_data_shards or shards_for_rounds(
+            corpus.train.numel(), tokens_per_round
+        )
         self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed)
         self.layout = ParamLayout.of(self.model)
         params = self.layout.flatten(self.model)
@@ -43,6 +47,12 @@ class CoordinatorReplica:
             self.outer.step(self.state.params, average)
             self.state.round += 1
             return self.state.checksum
+
+    def restore(self, state: GlobalState) -> None:
+        """Adopt a checkpointed state (parameters, outer momentum and round)."""
+        with self._lock:
+            self.state = state
+            self.outer.momentum_buffer = state.momentum
 
     def evaluate(self) -> float:
         with self._lock:

@@ -91,12 +91,3 @@ class RoundMachine:
             return f"round {finished} closed; round {self.round} opened with {len(active)} workers"
         self.phase = Phase.WAITING
         return f"round {finished} closed; waiting for workers to open round {self.round}"
-
-
-def assign_shard(round_: int, rank: int, active_count: int, num_shards: int) -> int:
-    """Data shard of the worker with this rank (by join order) among the active ones, in a round.
-
-    Distinct for every active worker while active_count <= num_shards, and rotating across rounds so
-    each worker keeps meeting new text.
-    """
-    return (round_ * max(active_count, 1) + rank) % num_shards

@@ -16,9 +16,11 @@ import torch
 
 from antorcha.averaging.hivemind_backend import HivemindBackend
 from antorcha.config import CoordinatorConfig
+from antorcha.coordinator.checkpoints import CheckpointStore
 from antorcha.coordinator.core import CoordinatorCore
 from antorcha.coordinator.replica import CoordinatorReplica
 from antorcha.coordinator.service import CoordinatorService
+from antorcha.coordinator.store import RunStore
 from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,25 @@ def _write_atomic(path: Path, text: str) -> None:
 async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> None:
     settings, spec = config.coordinator, config.run
     # hivemind forks its DHT process: do it before gRPC and torch start threads in this process.
+    data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
     backend = HivemindBackend(
-        host_maddrs=settings.p2p_host_maddrs, announce_maddrs=settings.p2p_announce_maddrs
+        host_maddrs=settings.p2p_host_maddrs,
+        announce_maddrs=settings.p2p_announce_maddrs,
+        # A stable libp2p identity: after a restart, workers and relays still know this peer.
+        identity_path=str(data_dir / "p2p_identity.key") if data_dir is not None else None,
     )
     torch.set_num_threads(settings.torch_threads)
     core = None
     server = grpc.aio.server(options=grpc_options(settings.max_message_bytes))
     try:
         replica = CoordinatorReplica(spec)
-        core = CoordinatorCore(spec, settings, replica, backend)
+        store = RunStore(data_dir / "run.sqlite") if data_dir is not None else None
+        checkpoints = (
+            CheckpointStore(data_dir / "checkpoints", settings.checkpoints_keep) if data_dir else None
+        )
+        core = CoordinatorCore(spec, settings, replica, backend, store, checkpoints)
         await core.start()
         pb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(core, backend.bootstrap_maddrs()), server

@@ -97,8 +97,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             bootstrap_maddrs=self.bootstrap_maddrs,
             round=start_round,
             state_checksum=self.core.replica.checksum,
-            data_shard=self.core.current_shard(record.worker_id, start_round),
-            num_data_shards=spec.num_data_shards,
         )
         self._count(request, response)
         return response
@@ -121,7 +119,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
-        reason = self.core.members.request_leave(request.worker_id)
+        reason = self.core.leave(request.worker_id)
         log.info("leave %s (%s)", reason, request.reason[:200])
         response = pb.LeaveResponse()
         self._count(request, response)
@@ -179,8 +177,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             instruction=instruction,
             reason=outcome.reason,
             next_round=outcome.next_round,
-            data_shard=outcome.data_shard,
             expected_checksum=outcome.expected_checksum,
+        )
+        self._count(request, response)
+        return response
+
+    async def LeaseData(
+        self, request: pb.LeaseDataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaseDataResponse:
+        await self._active(request.worker_id, context)
+        lease = self.core.lease_data(request.worker_id, request.round)
+        response = pb.LeaseDataResponse(
+            shard=lease.shard, num_shards=self.core.ledger.num_shards, epoch=lease.epoch
         )
         self._count(request, response)
         return response
@@ -236,6 +244,14 @@ def run_status(core: CoordinatorCore) -> pb.RunStatus:
         state_bytes=core.state_bytes,
         control_plane_bytes=core.control_plane_bytes,
         replicas_consistent=all(h.consistent for h in core.history),
+        joins=core.counters.joins,
+        leaves=core.counters.leaves,
+        crashes=core.counters.crashes,
+        resyncs=core.counters.resyncs,
+        restarts=core.counters.restarts,
+        epoch=core.ledger.epoch,
+        shards_trained=len(core.ledger.trained),
+        num_data_shards=core.ledger.num_shards,
     )
     for r in core.members.workers.values():
         state = str(r.state)

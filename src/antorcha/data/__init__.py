@@ -7,11 +7,19 @@ from antorcha.data.corpus import (
     load_stdlib_corpus,
     load_text_files,
 )
-from antorcha.data.sampling import ShardSampler, eval_batches, evaluate, shard_bounds
+from antorcha.data.sampling import (
+    ShardReader,
+    ShardSampler,
+    eval_batches,
+    evaluate,
+    shard_bounds,
+    shards_for_rounds,
+)
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
     "Corpus",
+    "ShardReader",
     "ShardSampler",
     "eval_batches",
     "evaluate",
@@ -19,4 +27,5 @@ __all__ = [
     "load_stdlib_corpus",
     "load_text_files",
     "shard_bounds",
+    "shards_for_rounds",
 ]

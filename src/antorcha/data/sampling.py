@@ -73,6 +73,45 @@ class ShardSampler:
         return self.tokens[starts[:, None] + self._offsets].long()
 
 
+class ShardReader:
+    """Consecutive [batch_size, seq_len + 1] windows through one shard, in order.
+
+    Reading a shard front to back is what lets the coordinator's data ledger promise that a shard
+    trained once was seen once. Windows overlap by one token (the last target is the next input's
+    first token); at the shard's end the reader wraps to its start.
+    """
+
+    def __init__(self, tokens: torch.Tensor, num_shards: int, seq_len: int, batch_size: int) -> None:
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        self.tokens, self.num_shards, self.seq_len, self.batch_size = tokens, num_shards, seq_len, batch_size
+        self._offsets = torch.arange(seq_len + 1)
+        self.start(0)
+
+    def start(self, shard_index: int) -> None:
+        start, end = shard_bounds(self.tokens.numel(), self.num_shards, shard_index)
+        if end - start < self.seq_len + 1:
+            raise ValueError(
+                f"shard {shard_index}/{self.num_shards} holds {end - start} tokens, "
+                f"fewer than one window of seq_len + 1 = {self.seq_len + 1}"
+            )
+        self.shard_index, self.begin, self.end, self.position = shard_index, start, end, start
+
+    def next_batch(self) -> torch.Tensor:
+        starts = []
+        for _ in range(self.batch_size):
+            if self.position + self.seq_len + 1 > self.end:
+                self.position = self.begin
+            starts.append(self.position)
+            self.position += self.seq_len
+        return self.tokens[torch.tensor(starts)[:, None] + self._offsets].long()
+
+
+def shards_for_rounds(num_tokens: int, tokens_per_round: int) -> int:
+    """How many shards make each one a single round's worth of one worker's tokens."""
+    return max(1, num_tokens // max(1, tokens_per_round))
+
+
 def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
     """Up to ``max_batches`` full batches of non-overlapping windows spread evenly over ``tokens``.
 

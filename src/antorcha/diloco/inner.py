@@ -10,13 +10,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from antorcha.config import RunSpec
-from antorcha.data import ShardSampler
 from antorcha.model import causal_lm_loss
+
+
+class Batches(Protocol):
+    def next_batch(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,15 @@ class InnerStats:
 
 
 class InnerTrainer:
-    def __init__(self, model: nn.Module, spec: RunSpec, sampler: ShardSampler, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, spec: RunSpec, sampler: Batches | None, device: torch.device
+    ) -> None:
         self.model, self.spec, self.sampler, self.device = model, spec, sampler, device
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=spec.inner_lr, weight_decay=spec.inner_weight_decay, betas=(0.9, 0.95)
         )
         self.total_steps = 0
+        self.last_step_seconds = 0.0
         self._autocast = device.type == "cuda"
 
     def _lr(self) -> float:
@@ -44,6 +51,9 @@ class InnerTrainer:
 
     def step(self) -> float:
         """One AdamW step on the next batch; returns its loss."""
+        if self.sampler is None:
+            raise RuntimeError("no data: set the trainer's sampler before stepping")
+        started = time.perf_counter()
         self.model.train()
         batch = self.sampler.next_batch().to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
@@ -55,7 +65,9 @@ class InnerTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         self.optimizer.step()
         self.total_steps += 1
-        return float(loss.detach())
+        value = float(loss.detach())  # also waits for the device, so the step time below is real
+        self.last_step_seconds = time.perf_counter() - started
+        return value
 
     def run(
         self,

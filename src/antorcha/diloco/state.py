@@ -41,8 +41,21 @@ class GlobalState:
 def encode_state(layout: ParamLayout, state: GlobalState, run_id: str) -> bytes:
     tensors = {_PARAM + n: t.contiguous() for n, t in layout.to_named(state.params).items()}
     tensors |= {_MOMENTUM + n: t.contiguous() for n, t in layout.to_named(state.momentum).items()}
-    meta = {"round": str(state.round), "run_id": run_id, "checksum": state.checksum}
+    meta = {
+        "round": str(state.round),
+        "run_id": run_id,
+        "checksum": state.checksum,
+        "content_sha256": _content_hash(state, run_id),
+    }
     return st_save(tensors, metadata=meta)
+
+
+def _content_hash(state: GlobalState, run_id: str) -> str:
+    """Covers everything a replica adopts: parameters, outer momentum, round and run."""
+    h = hashlib.sha256(f"{run_id}\n{state.round}\n".encode())
+    for t in (state.params, state.momentum):
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def decode_state(layout: ParamLayout, data: bytes, run_id: str) -> GlobalState:
@@ -63,6 +76,8 @@ def decode_state(layout: ParamLayout, data: bytes, run_id: str) -> GlobalState:
     state = GlobalState(round=int(meta.get("round", "-1")), params=params, momentum=momentum)
     if state.checksum != meta.get("checksum"):
         raise CorruptStateError("state checksum does not match its parameters")
+    if _content_hash(state, run_id) != meta.get("content_sha256"):
+        raise CorruptStateError("state content hash does not match (momentum or round altered)")
     if not (torch.isfinite(params).all() and torch.isfinite(momentum).all()):
         raise CorruptStateError("state holds non-finite values")
     return state

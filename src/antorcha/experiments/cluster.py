@@ -89,6 +89,8 @@ class LocalCluster:
                 raise TimeoutError(f"coordinator not ready after {timeout_s}s: {self.tail('coordinator')}")
             time.sleep(0.1)
         self.address = json.loads(ready.read_text())["address"]
+        if self._client is not None:
+            self._client.close()
         self._client = CoordinatorClient(self.address, timeout_s=10.0)
         return self.address
 

@@ -53,7 +53,6 @@ class JoinInfo:
     run_spec_sha256: str
     round: int
     state_checksum: str
-    data_shard: int
     lease_s: float
     heartbeat_interval_s: float
 
@@ -71,7 +70,13 @@ class CommitAnswer:
     instruction: str  # "continue", "resync" or "stop"
     reason: str
     next_round: int
-    data_shard: int
+
+
+@dataclass(frozen=True)
+class DataLease:
+    shard: int
+    num_shards: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,6 @@ class CoordinatorClient:
             r.run_spec_sha256,
             r.round,
             r.state_checksum,
-            r.data_shard,
             r.lease_seconds,
             r.heartbeat_interval_seconds,
         )
@@ -210,23 +214,35 @@ class CoordinatorClient:
             failed_spans=failed_spans,
         )
         r = self._call(lambda: self.stub.CommitRound(request, timeout=wait_s), "commit", wait_s)
-        return CommitAnswer(
-            _INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round, r.data_shard
-        )
+        return CommitAnswer(_INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round)
+
+    def lease_data(self, worker_id: str, round_: int) -> DataLease:
+        request = pb.LeaseDataRequest(worker_id=worker_id, round=round_)
+        r = self._call(lambda: self.stub.LeaseData(request, timeout=self.timeout_s), "lease", 120.0)
+        return DataLease(r.shard, r.num_shards, r.epoch)
 
     def run_status(self, timeout_s: float | None = None) -> pb.RunStatus:
         return self.stub.GetRunStatus(pb.GetRunStatusRequest(), timeout=timeout_s or self.timeout_s)
 
-    def get_state(self, worker_id: str, min_round: int, wait_s: float, attempts: int = 4) -> StateDownload:
-        """Download the global state in verified chunks, resuming from the last good byte on failure."""
+    def get_state(
+        self,
+        worker_id: str,
+        min_round: int,
+        wait_s: float,
+        attempts: int = 4,
+        cut_after_bytes: int | None = None,
+    ) -> StateDownload:
+        """Download the global state in verified chunks, resuming from the last good byte on failure.
+        `cut_after_bytes` breaks the first attempt's stream there (fault injection for resume tests)."""
         buf, total, digest, round_, checksum, wire = bytearray(), -1, "", -1, "", 0
         for attempt in range(attempts):
             request = pb.GetStateRequest(worker_id=worker_id, min_round=min_round, offset=len(buf))
             try:
                 for chunk in self.stub.GetState(request, timeout=wait_s):
-                    if round_ not in (-1, chunk.round):  # the state moved on mid-download: start over
+                    if digest and chunk.state_sha256 != digest:  # a newer state replaced it: start over
                         buf.clear()
-                        raise StateDownloadError("state changed during download")
+                        digest = ""
+                        raise StateDownloadError("the state changed during the download")
                     round_, total, digest, checksum = (
                         chunk.round,
                         chunk.total_bytes,
@@ -239,6 +255,9 @@ class CoordinatorClient:
                         raise StateDownloadError(f"chunk at offset {chunk.offset} is corrupt")
                     buf.extend(chunk.data)
                     wire += chunk.ByteSize()
+                    if cut_after_bytes is not None and len(buf) >= cut_after_bytes:
+                        cut_after_bytes = None
+                        raise StateDownloadError(f"connection cut after {len(buf)} bytes (fault plan)")
                 if len(buf) == total and hashlib.sha256(buf).hexdigest() == digest:
                     return StateDownload(round_, bytes(buf), checksum, wire)
                 raise StateDownloadError(f"state incomplete or corrupt ({len(buf)}/{total} bytes)")

@@ -21,7 +21,7 @@ import torch
 
 from antorcha.averaging.hivemind_backend import HivemindBackend
 from antorcha.config import RunSpec, WorkerSettings
-from antorcha.data import BYTE_VOCAB_SIZE, ShardSampler, load_stdlib_corpus
+from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, load_stdlib_corpus
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
@@ -31,6 +31,7 @@ from antorcha.model import build_model
 from antorcha.protocol import Progress
 from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, JoinInfo
 from antorcha.worker.device import describe, pick_device
+from antorcha.worker.faults import FaultPlan
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +142,14 @@ class TrainingSession:
         corpus = load_stdlib_corpus(spec.corpus_max_bytes)
         self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
         self.layout = ParamLayout.of(self.model)
+        self.faults = FaultPlan.parse(worker.settings.fault_plan)
         self.state = self._download(min_round=info.round)
         self.outer = OuterOptimizer(
             spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum
         )
-        self.shard = info.data_shard
-        sampler = ShardSampler(
-            corpus.train, spec.num_data_shards, self.shard, spec.seq_len, spec.batch_size, 0
-        )
-        self.trainer = InnerTrainer(self.model, spec, sampler, device)
+        self.corpus = corpus
+        self.reader: ShardReader | None = None
+        self.trainer = InnerTrainer(self.model, spec, None, device)
 
     def _join(self, worker_id: str) -> JoinInfo:
         info = self.client.join(
@@ -163,9 +163,27 @@ class TrainingSession:
         log.info("joined worker=%s run=%s round=%d", info.worker_id, info.run_id, info.round)
         return info
 
+    def _reader_for(self, round_: int) -> ShardReader:
+        """Lease this round's shard from the coordinator's data ledger and read it front to back."""
+        lease = self.client.lease_data(self.worker_id, round_)
+        if self.reader is None or self.reader.num_shards != lease.num_shards:
+            spec = self.spec
+            self.reader = ShardReader(self.corpus.train, lease.num_shards, spec.seq_len, spec.batch_size)
+        self.reader.start(lease.shard)
+        log.info(
+            "round=%d training on shard=%d/%d epoch=%d", round_, lease.shard, lease.num_shards, lease.epoch
+        )
+        return self.reader
+
     def _download(self, min_round: int) -> GlobalState:
         start = time.monotonic()
-        got = self.client.get_state(self.worker_id, min_round, wait_s=self.spec.round_deadline_s + 60)
+        cut = self.faults.fire(min_round, "download")
+        got = self.client.get_state(
+            self.worker_id,
+            min_round,
+            wait_s=self.spec.round_deadline_s + 60,
+            cut_after_bytes=cut.bytes if cut is not None else None,
+        )
         state = decode_state(self.layout, got.data, self.spec.run_id)
         if got.checksum and got.checksum != state.checksum:
             raise RuntimeError("downloaded state's checksum differs from the coordinator's claim")
@@ -193,7 +211,6 @@ class TrainingSession:
                 if self.heartbeat.lost_lease.is_set():  # dropped (e.g. paused too long): rejoin, resync
                     self.heartbeat.lost_lease.clear()
                     info = self._join(self.worker_id)
-                    self.shard = info.data_shard
                     self._resync(info.round)
                 try:
                     if self._round() == "stop":
@@ -220,11 +237,14 @@ class TrainingSession:
     def _round(self) -> str:
         """Train, average and commit one round; returns "continue", "resync" or "stop"."""
         spec, round_ = self.spec, self.state.round
-        seed = (spec.seed * 1_000_003 + round_ * 7919 + self.shard) & 0x7FFFFFFF
-        self.trainer.sampler.set_shard(self.shard, seed=seed)
+        self.trainer.sampler = self._reader_for(round_)
+        slowdown = self.worker.settings.slowdown
 
         def on_step(step: int, tokens: int, loss: float) -> None:
             self.heartbeat.progress = Progress(round_, step, tokens, loss, 0.0)
+            self.faults.fire(round_, "train", step)
+            if slowdown > 1:  # emulate a slower GPU: idle for the extra share of this step's time
+                time.sleep(self.trainer.last_step_seconds * (slowdown - 1))
 
         stats = self.trainer.run(spec.inner_steps, on_step, should_stop=self.worker.stop_signal.is_set)
         if self.worker.stop_signal.is_set() or stats.steps == 0:
@@ -246,16 +266,22 @@ class TrainingSession:
             seconds=stats.seconds,
             wait_s=spec.round_deadline_s + 30,
         )
+        if answer.accepted and answer.group is not None and self.faults.fire(round_, "report"):
+            delta[0] = float("nan")  # the "nan" action: a buggy or hostile peer's pseudo-gradient
         if not answer.accepted or answer.group is None:
             log.warning(
                 "round=%d not averaged: %s; resyncing to round %d", round_, answer.reason, answer.next_round
             )
             self._resync(answer.next_round)
             return "resync"
-        result = self.backend.all_reduce(answer.group, delta, float(stats.tokens))
+        on_exchange = (
+            (lambda: self.faults.fire(round_, "allreduce")) if self.faults.find(round_, "allreduce") else None
+        )
+        result = self.backend.all_reduce(answer.group, delta, float(stats.tokens), on_exchange=on_exchange)
         self.outer.step(self.state.params, result.average)
         self.state.round = round_ + 1
         checksum = self.state.checksum
+        self.faults.fire(round_, "commit")
         commit = self.client.commit_round(
             worker_id=self.worker_id,
             round_=round_,
@@ -281,7 +307,6 @@ class TrainingSession:
             checksum[:12],
             commit.instruction,
         )
-        self.shard = commit.data_shard
         if commit.instruction == "resync":
             self._resync(commit.next_round)
         else:

@@ -77,7 +77,7 @@ class JoinRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., name: _Optional[str] = ..., worker_id: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "run_id", "run_spec_json", "run_spec_sha256", "bootstrap_maddrs", "round", "state_checksum", "data_shard", "num_data_shards")
+    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "run_id", "run_spec_json", "run_spec_sha256", "bootstrap_maddrs", "round", "state_checksum")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -87,8 +87,6 @@ class JoinResponse(_message.Message):
     BOOTSTRAP_MADDRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
-    DATA_SHARD_FIELD_NUMBER: _ClassVar[int]
-    NUM_DATA_SHARDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_seconds: float
     heartbeat_interval_seconds: float
@@ -98,9 +96,7 @@ class JoinResponse(_message.Message):
     bootstrap_maddrs: _containers.RepeatedScalarFieldContainer[str]
     round: int
     state_checksum: str
-    data_shard: int
-    num_data_shards: int
-    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., run_spec_sha256: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., state_checksum: _Optional[str] = ..., data_shard: _Optional[int] = ..., num_data_shards: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., run_spec_sha256: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., state_checksum: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("round", "inner_step", "tokens", "loss", "tokens_per_second")
@@ -219,18 +215,34 @@ class CommitRoundRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., checksum: _Optional[str] = ..., data_plane_bytes: _Optional[int] = ..., averaging_seconds: _Optional[float] = ..., failed_spans: _Optional[int] = ...) -> None: ...
 
 class CommitRoundResponse(_message.Message):
-    __slots__ = ("instruction", "reason", "next_round", "data_shard", "expected_checksum")
+    __slots__ = ("instruction", "reason", "next_round", "expected_checksum")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
-    DATA_SHARD_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     reason: str
     next_round: int
-    data_shard: int
     expected_checksum: str
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., reason: _Optional[str] = ..., next_round: _Optional[int] = ..., data_shard: _Optional[int] = ..., expected_checksum: _Optional[str] = ...) -> None: ...
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., reason: _Optional[str] = ..., next_round: _Optional[int] = ..., expected_checksum: _Optional[str] = ...) -> None: ...
+
+class LeaseDataRequest(_message.Message):
+    __slots__ = ("worker_id", "round")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class LeaseDataResponse(_message.Message):
+    __slots__ = ("shard", "num_shards", "epoch")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    num_shards: int
+    epoch: int
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("worker_id", "min_round", "offset")
@@ -305,7 +317,7 @@ class RoundRecord(_message.Message):
     def __init__(self, round: _Optional[int] = ..., workers: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., data_plane_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., replicas_consistent: _Optional[bool] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("run_id", "round", "phase", "max_rounds", "workers", "rounds", "initial_eval_loss", "tokens", "data_plane_bytes", "state_bytes", "control_plane_bytes", "replicas_consistent")
+    __slots__ = ("run_id", "round", "phase", "max_rounds", "workers", "rounds", "initial_eval_loss", "tokens", "data_plane_bytes", "state_bytes", "control_plane_bytes", "replicas_consistent", "joins", "leaves", "crashes", "resyncs", "epoch", "shards_trained", "num_data_shards", "restarts")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +330,14 @@ class RunStatus(_message.Message):
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PLANE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_CONSISTENT_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    CRASHES_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    NUM_DATA_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     phase: str
@@ -330,4 +350,12 @@ class RunStatus(_message.Message):
     state_bytes: int
     control_plane_bytes: int
     replicas_consistent: bool
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., phase: _Optional[str] = ..., max_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., initial_eval_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., data_plane_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., control_plane_bytes: _Optional[int] = ..., replicas_consistent: _Optional[bool] = ...) -> None: ...
+    joins: int
+    leaves: int
+    crashes: int
+    resyncs: int
+    epoch: int
+    shards_trained: int
+    num_data_shards: int
+    restarts: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., phase: _Optional[str] = ..., max_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., initial_eval_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., data_plane_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., control_plane_bytes: _Optional[int] = ..., replicas_consistent: _Optional[bool] = ..., joins: _Optional[int] = ..., leaves: _Optional[int] = ..., crashes: _Optional[int] = ..., resyncs: _Optional[int] = ..., epoch: _Optional[int] = ..., shards_trained: _Optional[int] = ..., num_data_shards: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=antorcha_dot_v1_dot_coordinator__pb2.CommitRoundRequest.SerializeToString,
                 response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.CommitRoundResponse.FromString,
                 _registered_method=True)
+        self.LeaseData = channel.unary_unary(
+                '/antorcha.v1.Coordinator/LeaseData',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.LeaseDataRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.LeaseDataResponse.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/antorcha.v1.Coordinator/GetState',
                 request_serializer=antorcha_dot_v1_dot_coordinator__pb2.GetStateRequest.SerializeToString,
@@ -125,6 +130,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseData(self, request, context):
+        """Lease the data shard to train on in a round. Asking again for the same round returns the same
+        shard; a shard goes back to the pool if its round closes without this worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
         """Stream the global state of the latest finished round in chunks (parameters + outer optimizer).
         """
@@ -171,6 +184,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CommitRound,
                     request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.CommitRoundRequest.FromString,
                     response_serializer=antorcha_dot_v1_dot_coordinator__pb2.CommitRoundResponse.SerializeToString,
+            ),
+            'LeaseData': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseData,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.LeaseDataRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.LeaseDataResponse.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
@@ -345,6 +363,33 @@ class Coordinator:
             '/antorcha.v1.Coordinator/CommitRound',
             antorcha_dot_v1_dot_coordinator__pb2.CommitRoundRequest.SerializeToString,
             antorcha_dot_v1_dot_coordinator__pb2.CommitRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/LeaseData',
+            antorcha_dot_v1_dot_coordinator__pb2.LeaseDataRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.LeaseDataResponse.FromString,
             options,
             channel_credentials,
             insecure,
