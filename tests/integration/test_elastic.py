@@ -41,7 +41,7 @@ def _log(cluster: LocalCluster, name: str) -> str:
 
 
 def test_a_joiner_contributes_in_the_round_it_joins_after_a_cut_download(tmp_path: Path) -> None:
-    run = {**BASE_RUN, "run_id": "join", "max_rounds": 5, "min_workers": 2}
+    run = {**BASE_RUN, "run_id": "join", "max_rounds": 12, "min_workers": 2}
     # Small state chunks so that cutting the download "halfway" means something.
     with LocalCluster(tmp_path, run=run, coordinator={"lease_s": 6.0, "state_chunk_bytes": 65536}) as cluster:
         cluster.start_coordinator()
@@ -49,7 +49,7 @@ def test_a_joiner_contributes_in_the_round_it_joins_after_a_cut_download(tmp_pat
         cluster.start_worker("b")
         cluster.wait_for(lambda s: s.round >= 2, 180)
         cut = json.dumps(
-            [{"round": r, "phase": "download", "action": "cut", "bytes": 300_000} for r in range(6)]
+            [{"round": r, "phase": "download", "action": "cut", "bytes": 300_000} for r in range(40)]
         )
         cluster.start_worker("c", {"fault_plan": cut})
         status = cluster.wait_for(_finished, 240)
@@ -68,15 +68,22 @@ def test_a_joiner_contributes_in_the_round_it_joins_after_a_cut_download(tmp_pat
 
 
 def test_kill_9_at_every_phase_restart_with_same_identity_and_ledger_exactly_once(tmp_path: Path) -> None:
-    run = {**BASE_RUN, "run_id": "chaos", "max_rounds": 9, "min_workers": 2}
+    run = {**BASE_RUN, "run_id": "chaos", "max_rounds": 14, "min_workers": 2}
     lease_s, timeout_s = 4.0, run["allreduce_timeout_s"]
-    plans = [
-        {"round": 1, "phase": "train", "step": 3, "action": "kill"},
-        {"round": 2, "phase": "report", "action": "kill"},
-        {"round": 3, "phase": "allreduce", "action": "kill"},
-        {"round": 4, "phase": "commit", "action": "kill"},
-        {"round": 5, "phase": "train", "step": 9, "action": "kill"},
+    # One kill -9 per incarnation of the victim, each at another moment of a round it takes part in.
+    phases = [
+        {"phase": "train", "step": 3},
+        {"phase": "report"},
+        {"phase": "allreduce"},
+        {"phase": "commit"},
+        {"phase": "train", "step": 9},
     ]
+
+    def plan(round_: int, deaths: int) -> dict[str, str]:
+        # Every round from the next one on: the first round it trains in is where it dies.
+        faults = [{"round": r, "action": "kill", **phases[deaths]} for r in range(round_, round_ + 20)]
+        return {"fault_plan": json.dumps(faults)}
+
     with LocalCluster(
         tmp_path,
         run=run,
@@ -85,7 +92,7 @@ def test_kill_9_at_every_phase_restart_with_same_identity_and_ledger_exactly_onc
         cluster.start_coordinator()
         cluster.start_worker("a")
         cluster.start_worker("b")
-        victim = cluster.start_worker("victim", {"fault_plan": json.dumps(plans)})
+        victim = cluster.start_worker("victim", plan(1, 0))
         deaths = 0
         deadline = time.monotonic() + 420
         while not _finished(status := cluster.status()):
@@ -93,15 +100,15 @@ def test_kill_9_at_every_phase_restart_with_same_identity_and_ledger_exactly_onc
             if victim.poll() is not None:
                 assert victim.returncode == -signal.SIGKILL
                 deaths += 1
-                remaining = plans[deaths:]
                 # Same identity file: the coordinator must take it back under the same worker id.
-                victim = cluster.start_worker("victim", {"fault_plan": json.dumps(remaining)})
+                extra = plan(status.round + 1, deaths) if deaths < len(phases) else None
+                victim = cluster.start_worker("victim", extra)
             time.sleep(0.3)
         cluster.wait_workers(60)
         status = cluster.status()
 
-    assert deaths == len(plans)
-    assert [r.round for r in status.rounds] == list(range(9)), "no round lost or counted twice"
+    assert deaths == len(phases)
+    assert [r.round for r in status.rounds] == list(range(14)), "no round lost or counted twice"
     assert all(math.isfinite(r.eval_loss) and math.isfinite(r.train_loss) for r in status.rounds)
     assert all(r.replicas_consistent for r in status.rounds), "every surviving replica agreed"
     assert status.rounds[-1].eval_loss < status.initial_eval_loss * 0.9

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +43,31 @@ HANDLER_NAME = "antorcha.v1.ReducePart"
 _MAX_SESSIONS = 8  # groups whose results stay available to late members
 _CONCURRENT_CALLS_PER_PEER = 4
 _DELIVERY_GRACE_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+class _ParentBoundDHT(hivemind.DHT):
+    """A DHT process, with the p2pd daemon it starts, that dies with the process that created it.
+
+    Otherwise a `kill -9` of a worker leaves its DHT process and p2pd running: peers can still open
+    streams to the dead worker's handler and hang until their timeout instead of failing at once, and
+    the volunteer's machine keeps two orphans.
+    """
+
+    def run(self) -> None:
+        _die_with_parent()
+        super().run()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    os.setpgrp()  # our own group, so that p2pd (started next) can be taken down with us
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.killpg(0, signal.SIGKILL)
 
 
 class HivemindBackend:
@@ -52,7 +82,7 @@ class HivemindBackend:
         start_timeout_s: float = 60.0,
     ) -> None:
         # The DHT forks its own process: start it before any thread exists in this one.
-        self.dht = hivemind.DHT(
+        self.dht = _ParentBoundDHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) or None,

@@ -100,23 +100,31 @@ def load_stdlib_corpus(max_bytes: int = 8_000_000, eval_fraction: float = 0.02) 
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     stdlib_dir = Path(sysconfig.get_paths()["stdlib"])
+    # Each split has its own budget and draws from the whole library, so a small corpus still gets
+    # held-out files (they are only ~2% of files and could all lie past a single shared cut).
+    eval_budget = max(int(eval_fraction * max_bytes), min(64_000, max_bytes // 4))
+    budgets = {False: max_bytes - eval_budget, True: eval_budget}
     parts: dict[bool, list[bytes]] = {False: [], True: []}
-    total = 0
+    used = {False: 0, True: 0}
     for rel_path, path in stdlib_source_files(stdlib_dir):
+        if all(used[k] >= budgets[k] for k in used):
+            break
+        is_eval = is_eval_file(rel_path, eval_fraction)
+        room = budgets[is_eval] - used[is_eval]
+        if room <= 0:
+            continue
         try:
             data = path.read_bytes()
         except OSError:
             continue
-        is_eval = is_eval_file(rel_path, eval_fraction)
         # A separator precedes every file but the first of its split.
         cost = len(data) + (len(FILE_SEPARATOR) if parts[is_eval] else 0)
-        if total + cost > max_bytes:
-            data = data[: max(0, len(data) - (total + cost - max_bytes))]
-            if data:
-                parts[is_eval].append(data)
-            break
-        parts[is_eval].append(data)
-        total += cost
+        if cost > room:
+            data = data[: max(0, len(data) - (cost - room))]
+            cost = room
+        if data:
+            parts[is_eval].append(data)
+            used[is_eval] += cost
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     return _make_corpus(parts[False], parts[True], f"python{version}-stdlib:{stdlib_dir}")
 
