@@ -96,6 +96,7 @@ class HivemindBackend:
         self._peer = PeerDescriptor(self.dht.peer_id.to_base58(), tuple(visible), client_mode)
         self._sessions: OrderedDict[str, asyncio.Future[ReduceSession]] = OrderedDict()
         self.total_bytes = 0
+        self._connected: set[str] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="data-plane", daemon=True)
         self._thread.start()
@@ -253,9 +254,18 @@ class HivemindBackend:
         self, peer_id: str, maddrs: Sequence[str], request: pb.ReducePartRequest, timeout_s: float
     ) -> pb.ReducePartResponse:
         pid = PeerID.from_base58(peer_id)
-        if maddrs:
-            with contextlib.suppress(Exception):  # already connected, or reachable through the DHT
-                await self._p2p._client.connect(pid, [Multiaddr(m) for m in maddrs])
+        if maddrs and peer_id not in self._connected:
+            # p2pd wants transport addresses without the trailing /p2p/<id>.
+            suffix = Multiaddr(f"/p2p/{peer_id}")
+            addrs = [
+                Multiaddr(m).decapsulate(suffix) if m.endswith(f"/p2p/{peer_id}") else Multiaddr(m)
+                for m in maddrs
+            ]
+            try:
+                await self._p2p._client.connect(pid, addrs)
+                self._connected.add(peer_id)
+            except Exception as e:  # maybe still reachable through a relay or the DHT; the call will tell
+                log.debug("direct connect failed peer=%s reason=%r", peer_id, e)
         return await asyncio.wait_for(
             self._p2p.call_protobuf_handler(pid, HANDLER_NAME, request, pb.ReducePartResponse),
             timeout=3 * timeout_s + 5,

@@ -51,8 +51,8 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
     backend = HivemindBackend(
         host_maddrs=settings.p2p_host_maddrs,
         announce_maddrs=settings.p2p_announce_maddrs,
-        # A stable libp2p identity: after a restart, workers and relays still know this peer.
-        identity_path=str(data_dir / "p2p_identity.key") if data_dir is not None else None,
+        # A fresh libp2p identity on every start: peers that knew the old one would otherwise keep
+        # dialing its dead addresses (libp2p dial backoff); workers learn the new one from each group.
     )
     torch.set_num_threads(settings.torch_threads)
     core = None
