@@ -166,3 +166,23 @@ def test_coordinator_kill_9_and_restart_resumes_with_no_gap(tmp_path: Path) -> N
     assert all(r.replicas_consistent for r in status.rounds[3:])
     reference = uninterrupted()
     assert abs(status.rounds[-1].eval_loss - reference) <= 0.05 * reference
+
+
+def test_a_straggler_is_left_out_and_told_and_a_leaver_does_not_hold_the_round(tmp_path: Path) -> None:
+    run = {**BASE_RUN, "run_id": "straggle", "max_rounds": 5, "min_workers": 3, "round_deadline_s": 4.0}
+    with LocalCluster(tmp_path, run=run, coordinator={"lease_s": 6.0}) as cluster:
+        cluster.start_coordinator()
+        cluster.start_worker("fast")
+        cluster.start_worker("slow", {"slowdown": 30.0})  # its 10 inner steps take far past the deadline
+        leaver = cluster.start_worker("leaver")
+        cluster.wait_for(lambda s: s.round >= 2, 180)
+        cluster.kill(leaver, signal.SIGTERM)
+        assert leaver.wait(30) == 0
+        status = cluster.wait_for(_finished, 240)
+        log_slow, log_leaver = _log(cluster, "slow"), _log(cluster, "leaver")
+    assert "the group was formed without you" in log_slow  # told, then resynced to the next round
+    assert "left the run cleanly" in log_leaver
+    assert status.leaves == 1 and status.crashes == 0
+    assert all(r.workers <= 2 for r in status.rounds[3:]), "neither the leaver nor the straggler held a round"
+    assert all(r.replicas_consistent for r in status.rounds)
+    assert max(r.seconds for r in status.rounds) < run["round_deadline_s"] + 10

@@ -157,3 +157,61 @@ def test_active_is_sorted_by_slot() -> None:
     _join(members, "d", now=6.0, worker_id=ids[3])  # d comes back
     assert [r.worker_id for r in members.active()] == [ids[0], ids[2], ids[3]]
     assert [r.slot for r in members.active()] == [0, 2, 3]
+
+
+def test_leave_then_silence_ends_left_not_lost() -> None:
+    members = Membership(lease_s=5.0)
+    leaver = _join(members, "leaver", now=0.0)
+    stayer = _join(members, "stayer", now=0.0)
+    members.request_leave(leaver)
+    members.touch(stayer, now=4.0)
+    dropped = members.expire(6.0)  # the leaver went quiet before the round boundary
+    assert [w for w, _ in dropped] == [leaver]
+    assert "lease" in dropped[0][1]
+    assert members.workers[leaver].state == WorkerState.LEFT
+    assert members.workers[stayer].state == WorkerState.ACTIVE
+    assert members.apply_leaves() == [], "already gone; not counted again at the boundary"
+    assert members.expire(100.0) == [(stayer, "no heartbeat for 96.0s > lease 5.0s")]
+    assert members.workers[stayer].state == WorkerState.LOST
+    assert members.workers[leaver].state == WorkerState.LEFT
+
+
+def test_silence_without_leave_ends_lost() -> None:
+    members = Membership(lease_s=5.0)
+    ids = [_join(members, name, now=0.0) for name in ("a", "b", "c")]
+    members.request_leave(ids[1])
+    dropped = members.expire(5.1)
+    assert [w for w, _ in dropped] == ids
+    assert [members.workers[w].state for w in ids] == [WorkerState.LOST, WorkerState.LEFT, WorkerState.LOST]
+    assert members.active() == []
+
+
+def test_rejoin_after_lost_keeps_worker_id_and_slot() -> None:
+    members = Membership(lease_s=5.0)
+    a = _join(members, "a", now=0.0)
+    b = _join(members, "b", now=0.0)
+    members.touch(b, now=9.0)
+    members.expire(10.0)
+    assert members.workers[a].state == WorkerState.LOST
+    record, reason = members.join(name="a", peer=_peer("a2"), device=DeviceInfo(), now=11.0, worker_id=a)
+    assert (record.worker_id, record.slot, record.state) == (a, 0, WorkerState.ACTIVE)
+    assert record.peer == _peer("a2")
+    assert "rejoined" in reason and "lost" in reason
+    assert [r.worker_id for r in members.active()] == [a, b]
+    assert members.next_slot == 2, "a rejoin does not use up a slot"
+    assert a not in {w for w, _ in members.expire(16.0)}, "the rejoin renewed the lease"
+    assert members.workers[a].state == WorkerState.ACTIVE
+
+
+def test_rejoin_after_leaving_by_silence_keeps_worker_id_and_slot_and_clears_leave() -> None:
+    members = Membership(lease_s=5.0)
+    _join(members, "a", now=0.0)
+    b = _join(members, "b", now=0.0)
+    members.request_leave(b)
+    members.expire(10.0)
+    assert members.workers[b].state == WorkerState.LEFT
+    record, reason = members.join(name="b", peer=_peer("b"), device=DeviceInfo(), now=11.0, worker_id=b)
+    assert (record.worker_id, record.slot, record.state, record.leaving) == (b, 1, WorkerState.ACTIVE, False)
+    assert "left" in reason
+    assert members.expire(20.0) == [(b, "no heartbeat for 9.0s > lease 5.0s")]
+    assert members.workers[b].state == WorkerState.LOST, "the earlier leave request no longer applies"

@@ -131,14 +131,23 @@ def test_close_opens_next_round_and_clears_reports() -> None:
     assert machine.tick(7.0 + 60.0, {"a", "b"}).form_group
 
 
-def test_close_waits_when_too_few_workers_remain() -> None:
+def test_after_round_zero_a_round_goes_on_with_fewer_than_min_workers() -> None:
     machine = _training()
     machine.report(0, _report("a"))
     machine.tick(100.0, {"a", "b"})
     machine.close(101.0, {"a"})
+    assert machine.phase == Phase.TRAINING, "min_workers gates only the start of the run"
+    assert machine.round == 1
+
+
+def test_close_waits_when_no_worker_remains() -> None:
+    machine = _training()
+    machine.report(0, _report("a"))
+    machine.tick(100.0, {"a", "b"})
+    machine.close(101.0, set())
     assert machine.phase == Phase.WAITING
     assert machine.round == 1
-    machine.tick(102.0, {"a", "c"})
+    machine.tick(102.0, {"c"})
     assert machine.phase == Phase.TRAINING
     assert machine.opened_at == 102.0
 

@@ -25,7 +25,7 @@ from antorcha.averaging.base import AllReduceResult, AveragingBackend, Averaging
 from antorcha.config import CoordinatorSettings, RunSpec
 from antorcha.coordinator.checkpoints import CheckpointStore, CheckpointWriteError
 from antorcha.coordinator.ledger import DataLedger, Lease
-from antorcha.coordinator.membership import Membership, WorkerRecord
+from antorcha.coordinator.membership import Membership, WorkerRecord, WorkerState
 from antorcha.coordinator.replica import CoordinatorReplica
 from antorcha.coordinator.rounds import Phase, Report, RoundMachine
 from antorcha.coordinator.store import RunStore
@@ -199,10 +199,15 @@ class CoordinatorCore:
 
     def tick(self, now: float) -> None:
         for worker_id, reason in self.members.expire(now):
-            log.warning("lease expired worker=%s reason=%s", worker_id, reason)
-            self.counters.crashes += 1
+            if self.members.workers[worker_id].state == WorkerState.LEFT:
+                log.info("worker left worker=%s", worker_id)
+                self.counters.leaves += 1
+                self._record_worker(worker_id, "leave", reason)
+            else:
+                log.warning("lease expired worker=%s reason=%s", worker_id, reason)
+                self.counters.crashes += 1
+                self._record_worker(worker_id, "crash", reason)
             self.ledger.release(worker_id)
-            self._record_worker(worker_id, "crash", reason)
             self._persist_leases()
         before = self.rounds.phase
         decision = self.rounds.tick(now, self._active_ids())

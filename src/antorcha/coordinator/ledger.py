@@ -57,17 +57,21 @@ class DataLedger:
         if current is not None:
             self.leases.pop(worker_id)  # a lease of an earlier round that never completed
         self.advance_if_complete()
-        taken = {lease.shard for lease in self.leases.values() if lease.epoch == self.epoch}
-        free = [s for s in self.order(self.epoch) if s not in self.trained and s not in taken]
-        if not free:
-            # Everything left in this epoch is leased to others: start on the next epoch's order
-            # rather than idle, without disturbing this epoch's accounting.
-            nxt = self.epoch + 1
-            taken_next = {lease.shard for lease in self.leases.values() if lease.epoch == nxt}
-            shard = next(s for s in self.order(nxt) if s not in taken_next)
-            lease = Lease(nxt, shard, worker_id, round_)
-        else:
-            lease = Lease(self.epoch, free[0], worker_id, round_)
+        # Normally a free shard of this epoch; if every one left is leased to someone else, look in the
+        # following epochs rather than idle (never a shard already trained or leased in that epoch).
+        epoch = self.epoch
+        while True:
+            done = (
+                set(self.trained)
+                if epoch == self.epoch
+                else {r.shard for r in self.ahead if r.epoch == epoch}
+            )
+            taken = {lease.shard for lease in self.leases.values() if lease.epoch == epoch}
+            free = [s for s in self.order(epoch) if s not in done and s not in taken]
+            if free:
+                break
+            epoch += 1
+        lease = Lease(epoch, free[0], worker_id, round_)
         self.leases[worker_id] = lease
         return lease, f"{worker_id} leased shard {lease.shard} of epoch {lease.epoch} for round {round_}"
 

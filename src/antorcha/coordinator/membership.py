@@ -88,12 +88,13 @@ class Membership:
         return gone
 
     def expire(self, now: float) -> list[tuple[str, str]]:
-        """Drop workers whose lease ran out; returns (worker_id, reason) for each."""
+        """Drop workers whose lease ran out; returns (worker_id, reason) for each. A worker that said
+        it was leaving ends LEFT, any other LOST."""
         dropped = []
         for record in self.workers.values():
             silent = now - record.last_seen
             if record.state == WorkerState.ACTIVE and silent > self.lease_s:
-                record.state = WorkerState.LOST
+                record.state = WorkerState.LEFT if record.leaving else WorkerState.LOST
                 dropped.append((record.worker_id, f"no heartbeat for {silent:.1f}s > lease {self.lease_s}s"))
         return dropped
 

@@ -45,13 +45,18 @@ class RoundMachine:
     reports: dict[str, Report] = field(default_factory=dict)
     group: tuple[str, ...] = ()
 
+    @property
+    def _needed(self) -> int:
+        """min_workers gates the start of the run; after that, a round goes on with whoever is left."""
+        return self.min_workers if self.round == 0 else 1
+
     def tick(self, now: float, active: set[str]) -> Decision:
         """Advance on time and membership; says when to form the averaging group."""
         if self.phase == Phase.WAITING:
-            if len(active) >= self.min_workers:
+            if len(active) >= self._needed:
                 self.phase, self.opened_at = Phase.TRAINING, now
                 return Decision(False, f"round {self.round} opened with {len(active)} workers")
-            return Decision(False, f"waiting for workers: {len(active)}/{self.min_workers}")
+            return Decision(False, f"waiting for workers: {len(active)}/{self._needed}")
         if self.phase != Phase.TRAINING:
             return Decision(False, f"round {self.round} is {self.phase}")
         reported = [w for w in self.reports if w in active]
@@ -86,7 +91,7 @@ class RoundMachine:
         if self.max_rounds and self.round >= self.max_rounds:
             self.phase = Phase.FINISHED
             return f"round {finished} closed; run finished after {self.round} rounds"
-        if len(active) >= self.min_workers:
+        if len(active) >= self._needed:
             self.phase, self.opened_at = Phase.TRAINING, now
             return f"round {finished} closed; round {self.round} opened with {len(active)} workers"
         self.phase = Phase.WAITING
