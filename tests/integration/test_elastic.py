@@ -41,7 +41,8 @@ def _log(cluster: LocalCluster, name: str) -> str:
 
 
 def test_a_joiner_contributes_in_the_round_it_joins_after_a_cut_download(tmp_path: Path) -> None:
-    run = {**BASE_RUN, "run_id": "join", "max_rounds": 12, "min_workers": 2}
+    # Many rounds, so the run cannot end before the joiner is in; the test stops once it has contributed.
+    run = {**BASE_RUN, "run_id": "join", "max_rounds": 60, "min_workers": 2}
     # Small state chunks so that cutting the download "halfway" means something.
     with LocalCluster(tmp_path, run=run, coordinator={"lease_s": 6.0, "state_chunk_bytes": 65536}) as cluster:
         cluster.start_coordinator()
@@ -49,22 +50,29 @@ def test_a_joiner_contributes_in_the_round_it_joins_after_a_cut_download(tmp_pat
         cluster.start_worker("b")
         cluster.wait_for(lambda s: s.round >= 2, 180)
         cut = json.dumps(
-            [{"round": r, "phase": "download", "action": "cut", "bytes": 300_000} for r in range(40)]
+            [{"round": r, "phase": "download", "action": "cut", "bytes": 300_000} for r in range(60)]
         )
         cluster.start_worker("c", {"fault_plan": cut})
-        status = cluster.wait_for(_finished, 240)
+
+        def c_contributed(s: pb.RunStatus) -> bool:
+            c = [w for w in s.workers if w.name == "c"]
+            return (
+                bool(c) and c[0].rounds_contributed >= 1 and all(math.isfinite(r.eval_loss) for r in s.rounds)
+            )
+
+        status = cluster.wait_for(c_contributed, 240)
         log_c = _log(cluster, "c")
-        joined = int(re.search(r"joined worker=\S+ run=\S+ round=(\d+)", log_c).group(1))  # type: ignore[union-attr]
-        assert joined >= 2
-        record = status.rounds[joined]
-        assert record.workers == 3, "the joiner is in the group of the round it joined in"
-        assert record.replicas_consistent
-        assert f"round={joined} done" in log_c and f"checksum={record.checksum[:12]}" in log_c
-        # The cut download resumed from where it broke and still verified.
-        assert "connection cut after" in log_c
-        assert "state synced" in log_c
-        assert status.replicas_consistent
-        assert status.joins == 3
+    joined = int(re.search(r"joined worker=\S+ run=\S+ round=(\d+)", log_c).group(1))  # type: ignore[union-attr]
+    assert joined >= 2
+    record = status.rounds[joined]
+    assert record.workers == 3, "the joiner is in the group of the round it joined in"
+    assert record.replicas_consistent
+    assert f"round={joined} done" in log_c and f"checksum={record.checksum[:12]}" in log_c
+    # The cut download resumed from where it broke and still verified.
+    assert "connection cut after" in log_c
+    assert "state synced" in log_c
+    assert status.replicas_consistent
+    assert status.joins == 3
 
 
 def test_kill_9_at_every_phase_restart_with_same_identity_and_ledger_exactly_once(tmp_path: Path) -> None:
