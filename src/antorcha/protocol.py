@@ -12,10 +12,6 @@ from dataclasses import dataclass
 from antorcha.averaging.base import AveragingGroup, GroupMember, PeerDescriptor
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
 
-# Chunk size for streamed state; also bounds every message's size.
-DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-
-
 @dataclass(frozen=True)
 class DeviceInfo:
     kind: str = "cpu"
