@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from antorcha.averaging.base import AveragingGroup, GroupMember, PeerDescriptor
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
 
+
 @dataclass(frozen=True)
 class DeviceInfo:
     kind: str = "cpu"
