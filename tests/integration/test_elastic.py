@@ -137,7 +137,7 @@ def test_kill_9_at_every_phase_restart_with_same_identity_and_ledger_exactly_onc
 
 
 def test_coordinator_kill_9_and_restart_resumes_with_no_gap(tmp_path: Path) -> None:
-    run = {**BASE_RUN, "run_id": "restart", "max_rounds": 6, "min_workers": 2}
+    run = {**BASE_RUN, "run_id": "restart", "max_rounds": 12, "min_workers": 2}
 
     def uninterrupted() -> float:
         with LocalCluster(tmp_path / "reference", run=run, coordinator={"lease_s": 6.0}) as ref:
@@ -168,7 +168,7 @@ def test_coordinator_kill_9_and_restart_resumes_with_no_gap(tmp_path: Path) -> N
         coordinator_log = _log(cluster, "coordinator")
         cluster.wait_workers(60)
 
-    assert [r.round for r in status.rounds] == list(range(6)), "no gap and no duplicate in the round log"
+    assert [r.round for r in status.rounds] == list(range(12)), "no gap and no duplicate in the round log"
     assert status.restarts == 1
     assert "checkpoint rejected" in coordinator_log and "sha256" in coordinator_log
     assert all(r.replicas_consistent for r in status.rounds[3:])
