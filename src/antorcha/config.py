@@ -15,7 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Codec = Literal["none", "fp16", "bf16"]
+Codec = Literal["none", "fp16", "bf16", "int8", "int4"]
+RoundMode = Literal["token_budget", "fixed_steps"]
 ENV_PREFIX = "ANTORCHA_"
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -35,7 +36,33 @@ class RunSpec(_Strict):
     model_size: str = Field("nano", description="Built-in model preset (see antorcha.model.MODEL_SIZES).")
     seq_len: int = Field(128, ge=8, le=65536, description="Tokens per training sequence.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per inner step on each worker.")
-    inner_steps: int = Field(20, ge=1, le=100_000, description="H: inner AdamW steps per round.")
+    inner_steps: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        description="H: inner AdamW steps per round (per worker on average in token-budget rounds).",
+    )
+    round_mode: RoundMode = Field(
+        "token_budget",
+        description="token_budget: a round closes when the workers together trained its token budget, "
+        "fast workers doing more steps; fixed_steps: every worker does H steps (classic DiLoCo).",
+    )
+    round_tokens: int = Field(
+        0,
+        ge=0,
+        description="Token budget of a round; 0 = H x batch_size x seq_len per worker active at its start.",
+    )
+    shard_steps: int = Field(
+        0,
+        ge=0,
+        description="Inner steps per leased data shard; 0 = H in fixed_steps rounds, ceil(H/8) in "
+        "token_budget rounds (smaller shards let the budget be split more evenly).",
+    )
+    overlap: bool = Field(
+        False,
+        description="Average round r in the background while round r+1 trains; the outer update lands "
+        "one round late (overlapped DiLoCo), so compute does not wait on the network.",
+    )
     inner_lr: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate of the inner steps.")
     inner_weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     inner_warmup_steps: int = Field(20, ge=0, description="Linear warm-up of the inner learning rate.")
@@ -43,7 +70,14 @@ class RunSpec(_Strict):
     outer_lr: float = Field(0.7, gt=0, le=10, description="Learning rate of the outer Nesterov SGD.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the outer SGD.")
     outer_nesterov: bool = Field(True, description="Use Nesterov momentum in the outer step.")
-    codec: Codec = Field("none", description="Encoding of pseudo-gradients on the data plane.")
+    codec: Codec = Field(
+        "none",
+        description="Encoding of pseudo-gradients on the data plane: none (fp32), fp16, bf16, "
+        "int8 or int4 (per-block fp32 scales).",
+    )
+    error_feedback: bool = Field(
+        False, description="Add each round's quantisation residual to the next round's pseudo-gradient."
+    )
     max_rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
     min_workers: int = Field(1, ge=1, description="Workers needed before round 0 starts.")
     round_deadline_s: float = Field(600.0, gt=0, description="Close a round this long after it opens.")
@@ -54,13 +88,25 @@ class RunSpec(_Strict):
     num_data_shards: int = Field(
         0,
         ge=0,
-        description="Shards of the training split; 0 = one round's worth of one worker's tokens each.",
+        description="Shards of the training split; 0 = shard_steps worth of one worker's tokens each.",
     )
     corpus_max_bytes: int = Field(8_000_000, ge=100_000, description="Bytes of the offline corpus to use.")
     seed: int = Field(0, description="Seed of the initial parameters and data order.")
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    @property
+    def steps_per_shard(self) -> int:
+        if self.shard_steps:
+            return self.shard_steps
+        if self.round_mode == "fixed_steps":
+            return self.inner_steps
+        return -(-self.inner_steps // 8)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
 
 
 class CoordinatorSettings(_Strict):
@@ -109,6 +155,9 @@ class WorkerSettings(_Strict):
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of ordinary RPCs to the coordinator.")
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate slower hardware: each inner step takes this many times longer."
+    )
+    summary_file: str = Field(
+        "", description="Write a JSON summary here at exit (rounds, tokens, compute utilisation, bytes)."
     )
     fault_plan: str = Field(
         "", description="Chaos testing: JSON list of faults (see antorcha.worker.faults)."

@@ -152,7 +152,7 @@ def test_unknown_field_in_environment_is_named() -> None:
     [
         ("[run]\ninner_steps = 0\n", "run.inner_steps"),
         ("[run]\ninner_lr = 1.5\n", "run.inner_lr"),
-        ("[run]\ncodec = 'int8'\n", "run.codec"),
+        ("[run]\ncodec = 'int3'\n", "run.codec"),
         ("[run]\nseq_len = 'long'\n", "run.seq_len"),
         ("[coordinator]\nport = 70000\n", "coordinator.port"),
     ],

@@ -54,13 +54,13 @@ def _simulate(num_shards: int, seed: int, crash_p: float, release_p: float, roun
             assert lease.worker_id == worker_id and lease.round == round_
             assert lease.epoch >= ledger.epoch
             leases[worker_id] = lease
-        held = [(lease.epoch, lease.shard) for lease in ledger.leases.values()]
+        held = [(lease.epoch, lease.shard) for lease in ledger.all_leases()]
         assert len(held) == len(set(held)), f"round {round_}: one shard leased twice {ledger.leases}"
         contributors = set()
         for worker_id in present:
             roll = rng.random()
             if roll < release_p:
-                assert ledger.release(worker_id) == leases[worker_id]
+                assert ledger.release(worker_id) == [leases[worker_id]]
                 away[worker_id] = round_ + 1 + rng.randrange(3)
             elif roll < release_p + crash_p:
                 pass  # crashed or missed the group: leased, but not a contributor
@@ -70,7 +70,7 @@ def _simulate(num_shards: int, seed: int, crash_p: float, release_p: float, roun
         assert {(r.worker_id, r.epoch, r.shard) for r in done} == {
             (w, leases[w].epoch, leases[w].shard) for w in contributors
         }
-        assert not any(lease.round == round_ for lease in ledger.leases.values())
+        assert not any(lease.round == round_ for lease in ledger.all_leases())
         _assert_consistent(ledger)
     return ledger
 
@@ -106,7 +106,7 @@ def test_leasing_twice_for_the_same_round_gives_the_same_lease() -> None:
     other, _ = ledger.lease("b", 0)
     assert other.shard != first.shard
     assert ledger.lease("a", 0)[0] == first
-    assert ledger.leases == {"a": first, "b": other}
+    assert ledger.leases == {"a": [first], "b": [other]}
 
 
 def test_a_stale_lease_of_an_earlier_round_is_replaced() -> None:
@@ -115,7 +115,7 @@ def test_a_stale_lease_of_an_earlier_round_is_replaced() -> None:
     new, _ = ledger.lease("a", 1)  # round 0 never closed for a
     assert new.round == 1
     assert new.shard == old.shard, "the untrained shard is free again, first in the order"
-    assert ledger.leases == {"a": new}
+    assert ledger.leases == {"a": [new]}
     assert ledger.complete_round(0, {"a"}) == [], "the stale lease no longer counts"
     assert ledger.complete_round(1, {"a"}) == [TrainedShard(0, new.shard, "a", 1)]
 
@@ -126,8 +126,8 @@ def test_a_released_lease_goes_to_the_next_worker() -> None:
     a, _ = ledger.lease("a", 0)
     b, _ = ledger.lease("b", 0)
     assert (a.shard, b.shard) == (order[0], order[1])
-    assert ledger.release("a") == a
-    assert ledger.release("a") is None, "releasing twice is harmless"
+    assert ledger.release("a") == [a]
+    assert ledger.release("a") == [], "releasing twice is harmless"
     c, _ = ledger.lease("c", 0)
     assert c == Lease(0, order[0], "c", 0), "the released shard is handed out first"
     done = ledger.complete_round(0, {"a", "b", "c"})
@@ -228,3 +228,25 @@ def test_more_workers_than_twice_the_shards_still_get_distinct_leases() -> None:
     ledger.complete_round(0, set(WORKERS))
     assert ledger.epoch == 3
     _assert_consistent(ledger)
+
+
+def test_token_budget_rounds_lease_several_shards_in_order_and_complete_them_all() -> None:
+    ledger = DataLedger(num_shards=10, seed=4)
+    order = ledger.order(0)
+    fast = [ledger.lease("fast", 0, i)[0] for i in range(3)]
+    slow, _ = ledger.lease("slow", 0, 0)
+    assert [lease.shard for lease in fast] == order[:3] and slow.shard == order[3]
+    assert [lease.index for lease in fast] == [0, 1, 2]
+    assert ledger.lease("fast", 0, 1)[0] == fast[1], "asking again for #1 gives the same shard"
+    with pytest.raises(ValueError, match="holds 3"):
+        ledger.lease("fast", 0, 5)
+    done = ledger.complete_round(0, {"fast", "slow"})
+    assert sorted(r.shard for r in done) == sorted(order[:4])
+    assert ledger.all_leases() == []
+
+
+def test_a_crashed_worker_returns_every_shard_it_held() -> None:
+    ledger = DataLedger(num_shards=10, seed=4)
+    held = [ledger.lease("a", 0, i)[0] for i in range(3)]
+    assert ledger.release("a") == held
+    assert [ledger.lease("b", 0, i)[0].shard for i in range(3)] == [lease.shard for lease in held]

@@ -337,7 +337,7 @@ def test_ledger_with_shards_trained_ahead_survives_save_and_load(store: RunStore
     store.load_ledger(loaded)
     store.load_leases(loaded)
     _assert_same_ledger(loaded, ledger)
-    assert loaded.leases == {"a": Lease(0, ledger.order(0)[3], "a", 2)}
+    assert loaded.leases == {"a": [Lease(0, ledger.order(0)[3], "a", 2)]}
 
 
 def test_loading_an_empty_ledger(store: RunStore) -> None:

@@ -51,6 +51,9 @@ class AllReduceResult:
     failed_spans: int = 0  # spans whose reducer failed; left at zero (no update) in `average`
     seconds: float = 0.0
     contributors: dict[int, int] = field(default_factory=dict)  # span index -> senders averaged
+    # What the reducers received from this member, decoded (equals the input with a lossless codec):
+    # input − sent is the quantisation residual that error feedback carries into the next round.
+    sent: torch.Tensor | None = None
 
     @property
     def bytes_total(self) -> int:

@@ -133,7 +133,13 @@ class HivemindBackend:
         return fut
 
     async def _handle(self, request: pb.ReducePartRequest, context: P2PContext) -> pb.ReducePartResponse:
-        return await self._reduce(context.remote_id.to_base58(), request)
+        response = await self._reduce(context.remote_id.to_base58(), request)
+        fut = self._sessions.get(request.group_id)
+        if fut is not None and fut.done() and not fut.cancelled():
+            session = fut.result()
+            session.bytes_in += request.ByteSize()
+            session.bytes_out += response.ByteSize()
+        return response
 
     async def _reduce(self, sender: str, request: pb.ReducePartRequest) -> pb.ReducePartResponse:
         fut = self._session_future(request.group_id)
@@ -196,13 +202,16 @@ class HivemindBackend:
             if not fut.done():
                 fut.set_result(session)
             watcher = asyncio.create_task(session.watch())
-        result = AllReduceResult(average=torch.zeros_like(vector))
+        result = AllReduceResult(average=torch.zeros_like(vector), sent=vector.clone())
         failed: set[int] = set()
         limits = {m.peer_id: asyncio.Semaphore(_CONCURRENT_CALLS_PER_PEER) for m in group.members}
 
         async def exchange(span_index: int, chunk: int, lo: int, hi: int) -> None:
             member = group.members[spans[span_index].member_index]
             payload = codecs.encode(group.codec, vector[lo:hi]) if weight > 0 else b""
+            if payload and group.codec in codecs.LOSSY:
+                assert result.sent is not None
+                result.sent[lo:hi] = codecs.decode(group.codec, payload, hi - lo)
             request = pb.ReducePartRequest(
                 group_id=group.group_id, chunk=chunk, weight=weight, payload=payload, num_elements=hi - lo
             )
@@ -245,6 +254,10 @@ class HivemindBackend:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(watcher), timeout=3 * group.timeout_s)
             watcher.cancel()
+        if mine is not None and mine.length > 0:
+            # What our span's reducer moved for the others (answers still in flight are not counted).
+            result.bytes_sent += session.bytes_out
+            result.bytes_received += session.bytes_in
         result.failed_spans = len(failed)
         result.seconds = time.monotonic() - start
         self.total_bytes += result.bytes_total

@@ -74,6 +74,8 @@ class ReduceSession:
         self.banned: dict[str, str] = {}
         self.served: list[set[str]] = [set() for _ in self.chunks]
         self.fully_served = asyncio.Event()
+        self.bytes_in = 0  # requests other members sent to this reducer
+        self.bytes_out = 0  # answers this reducer sent them
         # A session given an explicit clock (simulations, tests) keeps to the latest time it was told.
         self._explicit_clock = now is not None
         self._now = time.monotonic() if now is None else now

@@ -23,6 +23,7 @@ import torch
 
 from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup, GroupMember
 from antorcha.config import CoordinatorSettings, RunSpec
+from antorcha.coordinator.budget import BudgetView, next_shard_refusal
 from antorcha.coordinator.checkpoints import CheckpointStore, CheckpointWriteError
 from antorcha.coordinator.ledger import DataLedger, Lease
 from antorcha.coordinator.membership import Membership, WorkerRecord, WorkerState
@@ -74,6 +75,13 @@ class CommitOutcome:
     expected_checksum: str
 
 
+@dataclass(frozen=True)
+class LeaseOutcome:
+    lease: Lease | None  # None: the round is full (or not open) for this worker; report what it trained
+    steps: int
+    reason: str
+
+
 @dataclass
 class Counters:
     joins: int = 0
@@ -109,6 +117,8 @@ class CoordinatorCore:
         self._state_changed = asyncio.Condition()
         self._last_reason = ""
         self._round_started = time.monotonic()
+        self._last_lease_at: dict[str, tuple[int, float]] = {}  # worker -> (round, time of its last lease)
+        self.shard_seconds: dict[str, float] = {}  # worker -> measured seconds to train one shard
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -267,7 +277,7 @@ class CoordinatorCore:
             log.exception("round=%d all-reduce failed on the coordinator; no update this round", round_)
             result = AllReduceResult(average=zeros, failed_spans=len(group.members))
         entry.failed_spans = result.failed_spans
-        entry.data_plane_bytes += result.bytes_total
+        entry.data_plane_bytes += result.bytes_sent  # each byte counted once, by its sender
         try:
             entry.checksum = await self.in_replica(self.replica.apply, result.average)
         except ValueError as e:  # a non-finite average never reaches the model
@@ -334,6 +344,7 @@ class CoordinatorCore:
 
     def leave(self, worker_id: str) -> str:
         reason = self.members.request_leave(worker_id)
+        self._last_lease_at.pop(worker_id, None)
         self.ledger.release(worker_id)
         self._persist_leases()
         return reason
@@ -342,12 +353,62 @@ class CoordinatorCore:
         if self.store is not None:
             self.store.save_leases(self.ledger)
 
-    def lease_data(self, worker_id: str, round_: int) -> Lease:
-        self.members.touch(worker_id, time.monotonic())
-        lease, reason = self.ledger.lease(worker_id, round_)
+    def lease_data(self, worker_id: str, round_: int, index: int = 0) -> LeaseOutcome:
+        """The `index`-th shard `worker_id` trains in `round_`, or why it should report now instead."""
+        now = time.monotonic()
+        self.members.touch(worker_id, now)
+        steps = self.spec.steps_per_shard
+        held = self.ledger.held(worker_id, round_)
+        if index < len(held):  # a retried call gets the same answer
+            return LeaseOutcome(held[index], steps, f"shard #{index} of round {round_} already leased")
+        if index > len(held):
+            return LeaseOutcome(None, 0, f"asked for shard #{index} of round {round_} but holds {len(held)}")
+        full = self._round_full(worker_id, round_, index, now)
+        if full:
+            return LeaseOutcome(None, 0, full)
+        previous = self._last_lease_at.get(worker_id)
+        if index > 0 and previous is not None and previous[0] == round_:
+            measured = now - previous[1]
+            old = self.shard_seconds.get(worker_id)
+            self.shard_seconds[worker_id] = measured if old is None else 0.5 * old + 0.5 * measured
+        self._last_lease_at[worker_id] = (round_, now)
+        lease, reason = self.ledger.lease(worker_id, round_, index)
         log.debug("lease %s", reason)
         self._persist_leases()
-        return lease
+        return LeaseOutcome(lease, steps, reason)
+
+    def round_budget(self, round_: int) -> int:
+        """Tokens round `round_` may train: fixed by the spec, or H steps' worth per worker taking part."""
+        if self.spec.round_tokens:
+            return self.spec.round_tokens
+        taking_part = {lease.worker_id for lease in self.ledger.all_leases() if lease.round == round_}
+        taking_part |= self._active_ids()
+        return len(taking_part) * self.spec.inner_steps * self.spec.tokens_per_step
+
+    def _round_full(self, worker_id: str, round_: int, index: int, now: float) -> str:
+        """Why `worker_id` gets no further shard in `round_` (empty: it gets one)."""
+        current, phase = self.rounds.round, self.rounds.phase
+        if phase == Phase.FINISHED or (self.spec.max_rounds and round_ >= self.spec.max_rounds):
+            return f"the run ends before round {round_}"
+        open_rounds = {current, current + 1} if phase == Phase.AVERAGING else {current}
+        if round_ not in open_rounds:
+            return f"round {round_} is not open (round {current} is {phase})"
+        if round_ == current and phase == Phase.AVERAGING:
+            return f"round {round_} is already averaging"
+        reported = set(self.rounds.reports) if round_ == current else set()
+        still_training = (self._active_ids() - reported) | {worker_id}
+        return next_shard_refusal(
+            BudgetView(
+                mode=self.spec.round_mode,
+                round=round_,
+                index=index,
+                budget_tokens=self.round_budget(round_),
+                leased_shards=sum(1 for lease in self.ledger.all_leases() if lease.round == round_),
+                shard_tokens=self.spec.steps_per_shard * self.spec.tokens_per_step,
+                my_shard_seconds=self.shard_seconds.get(worker_id),
+                others_shard_seconds=[self.shard_seconds.get(w) for w in still_training - {worker_id}],
+            )
+        )
 
     def start_round_for_joiner(self) -> int:
         """The round a joiner trains in: the open one, or the next if this one is already averaging."""

@@ -1,9 +1,11 @@
 """Which data each worker trains on, so that within an epoch no shard is trained twice or skipped,
 whoever comes and goes. Pure: no clocks, no I/O; the store persists it.
 
-A shard is one round's worth of one worker's tokens. At the start of a round a worker leases a
-shard; the lease becomes "trained" when the round closes with that worker in its averaging group, and
-goes back to the pool if the worker dies, leaves, or misses the group. When every shard of an epoch
+A shard is a fixed number of inner steps' worth of one worker's tokens (a whole round's in the classic
+fixed-H mode, a slice of it in token-budget mode, where a fast worker leases more shards per round
+than a slow one). A worker leases shards for a round one after the other (index 0, 1, …); its leases
+become "trained" when the round closes with that worker in its averaging group, and go back to the
+pool if the worker dies, leaves, or misses the group. When every shard of an epoch
 is trained, the next epoch starts with a new order.
 """
 
@@ -19,6 +21,7 @@ class Lease:
     shard: int
     worker_id: str
     round: int
+    index: int = 0  # the worker's n-th shard of the round
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class DataLedger:
     num_shards: int
     seed: int = 0
     epoch: int = 0
-    leases: dict[str, Lease] = field(default_factory=dict)  # worker id -> its current lease
+    leases: dict[str, list[Lease]] = field(default_factory=dict)  # worker id -> its leases, in order
     trained: dict[int, TrainedShard] = field(default_factory=dict)  # this epoch's shard -> who trained it
     history: list[TrainedShard] = field(default_factory=list)  # every epoch, in order
     ahead: list[TrainedShard] = field(default_factory=list)  # trained early, for the next epoch
@@ -49,13 +52,25 @@ class DataLedger:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
         return shards
 
-    def lease(self, worker_id: str, round_: int) -> tuple[Lease, str]:
-        """The shard `worker_id` trains in `round_`; asking again for the same round gives the same one."""
-        current = self.leases.get(worker_id)
-        if current is not None and current.round == round_:
-            return current, f"{worker_id} keeps shard {current.shard} for round {round_}"
-        if current is not None:
-            self.leases.pop(worker_id)  # a lease of an earlier round that never completed
+    def held(self, worker_id: str, round_: int) -> list[Lease]:
+        """The leases `worker_id` holds for `round_`, in the order it was given them."""
+        return [lease for lease in self.leases.get(worker_id, []) if lease.round == round_]
+
+    def all_leases(self) -> list[Lease]:
+        return [lease for held in self.leases.values() for lease in held]
+
+    def lease(self, worker_id: str, round_: int, index: int = 0) -> tuple[Lease, str]:
+        """The `index`-th shard `worker_id` trains in `round_`; asking again gives the same one."""
+        current = self.leases.get(worker_id, [])
+        if current and current[0].round != round_:
+            current = []  # leases of an earlier round that never completed go back to the pool
+        if index < len(current):
+            kept = current[index]
+            return kept, f"{worker_id} keeps shard {kept.shard} (#{index}) for round {round_}"
+        if index > len(current):
+            held = len(current)
+            raise ValueError(f"{worker_id} asked for shard #{index} of round {round_} but holds {held}")
+        self.leases[worker_id] = current
         self.advance_if_complete()
         # Normally a free shard of this epoch; if every one left is leased to someone else, look in the
         # following epochs rather than idle (never a shard already trained or leased in that epoch).
@@ -66,22 +81,27 @@ class DataLedger:
                 if epoch == self.epoch
                 else {r.shard for r in self.ahead if r.epoch == epoch}
             )
-            taken = {lease.shard for lease in self.leases.values() if lease.epoch == epoch}
+            taken = {lease.shard for lease in self.all_leases() if lease.epoch == epoch}
             free = [s for s in self.order(epoch) if s not in done and s not in taken]
             if free:
                 break
             epoch += 1
-        lease = Lease(epoch, free[0], worker_id, round_)
-        self.leases[worker_id] = lease
+        lease = Lease(epoch, free[0], worker_id, round_, index)
+        current.append(lease)
         return lease, f"{worker_id} leased shard {lease.shard} of epoch {lease.epoch} for round {round_}"
 
     def complete_round(self, round_: int, contributors: set[str]) -> list[TrainedShard]:
         """Round closed: contributors' leases for it are trained; other leases of it return to the pool."""
         done = []
-        for worker_id, lease in list(self.leases.items()):
-            if lease.round != round_:
-                continue
-            del self.leases[worker_id]
+        finished = [lease for lease in self.all_leases() if lease.round == round_]
+        for worker_id in {lease.worker_id for lease in finished}:
+            kept = [lease for lease in self.leases[worker_id] if lease.round != round_]
+            if kept:
+                self.leases[worker_id] = kept
+            else:
+                del self.leases[worker_id]
+        for lease in finished:
+            worker_id = lease.worker_id
             if worker_id not in contributors:
                 continue
             record = TrainedShard(lease.epoch, lease.shard, worker_id, round_)
@@ -100,6 +120,6 @@ class DataLedger:
             self.trained = {r.shard: r for r in self.ahead if r.epoch == self.epoch}
             self.ahead = [r for r in self.ahead if r.epoch > self.epoch]
 
-    def release(self, worker_id: str) -> Lease | None:
-        """The worker is gone: its unfinished lease goes back to the pool."""
-        return self.leases.pop(worker_id, None)
+    def release(self, worker_id: str) -> list[Lease]:
+        """The worker is gone: its unfinished leases go back to the pool."""
+        return self.leases.pop(worker_id, [])

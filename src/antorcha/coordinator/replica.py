@@ -21,9 +21,8 @@ class CoordinatorReplica:
         self.spec = spec
         corpus = load_stdlib_corpus(spec.corpus_max_bytes)
         self.corpus_fingerprint = corpus.fingerprint
-        tokens_per_round = spec.inner_steps * spec.batch_size * spec.seq_len
         self.num_data_shards = spec.num_data_shards or shards_for_rounds(
-            corpus.train.numel(), tokens_per_round
+            corpus.train.numel(), spec.steps_per_shard * spec.tokens_per_step
         )
         self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed)
         self.layout = ParamLayout.of(self.model)

@@ -186,10 +186,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request: pb.LeaseDataRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseDataResponse:
         await self._active(request.worker_id, context)
-        lease = self.core.lease_data(request.worker_id, request.round)
+        outcome = self.core.lease_data(request.worker_id, request.round, request.index)
         response = pb.LeaseDataResponse(
-            shard=lease.shard, num_shards=self.core.ledger.num_shards, epoch=lease.epoch
+            num_shards=self.core.ledger.num_shards, round_full=outcome.lease is None, reason=outcome.reason
         )
+        if outcome.lease is not None:
+            response.shard, response.epoch, response.steps = (
+                outcome.lease.shard,
+                outcome.lease.epoch,
+                outcome.steps,
+            )
         self._count(request, response)
         return response
 

@@ -199,10 +199,15 @@ class RunStore:
 
     def save_leases(self, ledger: DataLedger) -> None:
         """Open leases survive a restart: a worker mid-round keeps training the shard it was given."""
-        self.set_meta("leases", json.dumps([lease.__dict__ for lease in ledger.leases.values()]))
+        self.set_meta("leases", json.dumps([lease.__dict__ for lease in ledger.all_leases()]))
 
     def load_leases(self, ledger: DataLedger) -> None:
-        ledger.leases = {d["worker_id"]: Lease(**d) for d in json.loads(self.get_meta("leases") or "[]")}
+        ledger.leases = {}
+        for record in json.loads(self.get_meta("leases") or "[]"):
+            lease = Lease(**record)
+            ledger.leases.setdefault(lease.worker_id, []).append(lease)
+        for held in ledger.leases.values():
+            held.sort(key=lambda lease: lease.index)
 
     def trained_shards(self) -> list[TrainedShard]:
         rows = self.db.execute(

@@ -48,12 +48,16 @@ class LocalCluster:
         run: dict[str, Any] | None = None,
         coordinator: dict[str, Any] | None = None,
         worker_threads: int = 1,
+        wrap: Callable[[str, list[str]], list[str]] | None = None,
     ) -> None:
+        """`wrap(name, argv)` may rewrite each process's command line, e.g. to run it inside a network
+        namespace of a slow-link lab."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run = run or {}
         self.coordinator_settings = {"port": 0, **(coordinator or {})}
         self.worker_threads = worker_threads
+        self.wrap = wrap
         self.address = ""
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -62,8 +66,9 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child's lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "antorcha", *args]
         return subprocess.Popen(
-            [sys.executable, "-m", "antorcha", *args],
+            self.wrap(name, argv) if self.wrap is not None else argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

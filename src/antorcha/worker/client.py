@@ -77,6 +77,9 @@ class DataLease:
     shard: int
     num_shards: int
     epoch: int
+    steps: int = 0
+    round_full: bool = False  # no shard: report what this round trained
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,10 +219,10 @@ class CoordinatorClient:
         r = self._call(lambda: self.stub.CommitRound(request, timeout=wait_s), "commit", wait_s)
         return CommitAnswer(_INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round)
 
-    def lease_data(self, worker_id: str, round_: int) -> DataLease:
-        request = pb.LeaseDataRequest(worker_id=worker_id, round=round_)
+    def lease_data(self, worker_id: str, round_: int, index: int = 0) -> DataLease:
+        request = pb.LeaseDataRequest(worker_id=worker_id, round=round_, index=index)
         r = self._call(lambda: self.stub.LeaseData(request, timeout=self.timeout_s), "lease", 120.0)
-        return DataLease(r.shard, r.num_shards, r.epoch)
+        return DataLease(r.shard, r.num_shards, r.epoch, r.steps, r.round_full, r.reason)
 
     def run_status(self, timeout_s: float | None = None) -> pb.RunStatus:
         return self.stub.GetRunStatus(pb.GetRunStatusRequest(), timeout=timeout_s or self.timeout_s)

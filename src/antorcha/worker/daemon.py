@@ -1,39 +1,58 @@
 """The worker's main loop. Training runs in the main thread and never waits on the network except at
 the round boundary (report, all-reduce, commit); heartbeats run in a thread of their own.
 
-Per round r:  train H inner steps from θ_r → Δ = θ_r − θ_local → ReportRound (long-poll for the group)
-→ all-reduce Δ over hivemind weighted by tokens → outer step on the fp32 CPU master copy → CommitRound
-with the checksum of θ_{r+1} (resync from the coordinator if it disagrees).
+Per round r:  lease shards and train them from S_r (H steps, or until the round's token budget is
+taken) → Δ = S_r − θ_local (+ the quantisation residual, with error feedback) → ReportRound (long-poll
+for the group) → all-reduce Δ over hivemind weighted by tokens → outer step on the fp32 CPU master
+copy → CommitRound with the checksum of θ_{r+1} (resync from the coordinator if it disagrees).
+
+Without overlap S_r = θ_r. With overlap the all-reduce of round r runs in a background thread while
+round r+1 trains from S_{r+1} = θ_r − Δ_r (the newest global θ plus our own progress not yet averaged
+in); the outer step of round r lands when round r+1's training ends, one round late.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
+from antorcha.averaging.base import AllReduceResult
 from antorcha.averaging.hivemind_backend import HivemindBackend
 from antorcha.config import RunSpec, WorkerSettings
 from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, load_stdlib_corpus
-from antorcha.diloco.inner import InnerTrainer
+from antorcha.diloco.inner import InnerStats, InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
 from antorcha.diloco.state import GlobalState, decode_state
 from antorcha.model import build_model
 from antorcha.protocol import Progress
-from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, JoinInfo
+from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, DataLease, JoinInfo
 from antorcha.worker.device import describe, pick_device
 from antorcha.worker.faults import FaultPlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingAverage:
+    """A round whose all-reduce runs in the background (overlap) or is about to be waited for."""
+
+    round: int
+    future: Future[AllReduceResult]
+    outgoing: torch.Tensor  # the pseudo-gradient as sent (with error feedback added)
+    stats: InnerStats
 
 
 @dataclass
@@ -150,6 +169,14 @@ class TrainingSession:
         self.corpus = corpus
         self.reader: ShardReader | None = None
         self.trainer = InnerTrainer(self.model, spec, None, device)
+        self._averager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="averaging")
+        self.pending: PendingAverage | None = None
+        # Error feedback: what quantisation left out of the last pseudo-gradient we sent.
+        self.residual = torch.zeros_like(self.state.params) if spec.error_feedback else None
+        self.compute_seconds = 0.0
+        self.first_step_at: float | None = None
+        self.round = self.state.round  # the round being trained; with overlap, one ahead of θ
+        self.round_start = self.state.params.clone()  # where this round's local training started
 
     def _join(self, worker_id: str) -> JoinInfo:
         info = self.client.join(
@@ -163,16 +190,11 @@ class TrainingSession:
         log.info("joined worker=%s run=%s round=%d", info.worker_id, info.run_id, info.round)
         return info
 
-    def _reader_for(self, round_: int) -> ShardReader:
-        """Lease this round's shard from the coordinator's data ledger and read it front to back."""
-        lease = self.client.lease_data(self.worker_id, round_)
+    def _reader_for(self, lease: DataLease) -> ShardReader:
         if self.reader is None or self.reader.num_shards != lease.num_shards:
             spec = self.spec
             self.reader = ShardReader(self.corpus.train, lease.num_shards, spec.seq_len, spec.batch_size)
         self.reader.start(lease.shard)
-        log.info(
-            "round=%d training on shard=%d/%d epoch=%d", round_, lease.shard, lease.num_shards, lease.epoch
-        )
         return self.reader
 
     def _download(self, min_round: int) -> GlobalState:
@@ -200,6 +222,14 @@ class TrainingSession:
     def _resync(self, min_round: int) -> None:
         self.state = self._download(min_round)
         self.outer.momentum_buffer = self.state.momentum
+        self._restart_from_global()
+
+    def _restart_from_global(self) -> None:
+        """Train the next round from the global θ (the local model and any pending average are dropped)."""
+        self._drop_pending()
+        self.round = self.state.round
+        self.round_start = self.state.params.clone()
+        self.layout.load_into(self.model, self.round_start)
 
     @property
     def _stopping(self) -> bool:
@@ -221,8 +251,11 @@ class TrainingSession:
                     log.warning("the coordinator no longer knows this worker (%s); rejoining", e)
                     self.heartbeat.lost_lease.set()
         finally:
+            self._drop_pending()
+            self._averager.shutdown(wait=False)
             self.heartbeat.halt()
             self._leave()
+            self._write_summary()
         return 0
 
     def _leave(self) -> None:
@@ -234,29 +267,110 @@ class TrainingSession:
         except Exception as e:
             log.warning("could not say goodbye to the coordinator: %s", e)
 
-    def _round(self) -> str:
-        """Train, average and commit one round; returns "continue", "resync" or "stop"."""
-        spec, round_ = self.spec, self.state.round
-        self.trainer.sampler = self._reader_for(round_)
+    @property
+    def utilisation(self) -> float:
+        """Share of wall time (from the first inner step to now) spent in inner steps."""
+        if self.first_step_at is None:
+            return 0.0
+        return self.compute_seconds / max(time.monotonic() - self.first_step_at, 1e-9)
+
+    def _write_summary(self) -> None:
+        path = self.worker.settings.summary_file
+        if not path:
+            return
+        summary = {
+            "worker_id": self.worker_id,
+            "rounds": len(self.worker.history),
+            "tokens": sum(h.tokens for h in self.worker.history),
+            "compute_seconds": self.compute_seconds,
+            "wall_seconds": (time.monotonic() - self.first_step_at) if self.first_step_at else 0.0,
+            "utilisation": self.utilisation,
+            "data_plane_bytes_sent": sum(h.data_bytes for h in self.worker.history),
+            "overlap": self.spec.overlap,
+            "round_mode": self.spec.round_mode,
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2))
+
+    # ---- one round ------------------------------------------------------------------------------
+
+    def _train(self, round_: int) -> InnerStats:
+        """Lease shards of `round_` one after the other and train them, until the coordinator says the
+        round is full (token budget taken, or the one fixed-H shard done) or we are told to stop."""
+        steps = tokens = 0
+        seconds = loss_sum = 0.0
         slowdown = self.worker.settings.slowdown
+        index = 0
+        while not self.worker.stop_signal.is_set():
+            lease = self.client.lease_data(self.worker_id, round_, index)
+            if lease.round_full:
+                log.debug("round=%d no more shards after %d: %s", round_, index, lease.reason)
+                break
+            reader = self._reader_for(lease)
+            log.info(
+                "round=%d shard=%d/%d epoch=%d #%d steps=%d",
+                round_,
+                lease.shard,
+                lease.num_shards,
+                lease.epoch,
+                index,
+                lease.steps,
+            )
+            self.trainer.sampler = reader
+            done_before, tokens_before = steps, tokens
 
-        def on_step(step: int, tokens: int, loss: float) -> None:
-            self.heartbeat.progress = Progress(round_, step, tokens, loss, 0.0)
-            self.faults.fire(round_, "train", step)
-            if slowdown > 1:  # emulate a slower GPU: idle for the extra share of this step's time
-                time.sleep(self.trainer.last_step_seconds * (slowdown - 1))
+            def on_step(
+                step: int,
+                shard_tokens: int,
+                loss: float,
+                done_before: int = done_before,
+                tokens_before: int = tokens_before,
+            ) -> None:
+                at, seen = done_before + step, tokens_before + shard_tokens
+                self.heartbeat.progress = Progress(round_, at, seen, loss, 0.0)
+                self.faults.fire(round_, "train", at)
+                if slowdown > 1:  # emulate a slower GPU: idle for the extra share of this step's time
+                    time.sleep(self.trainer.last_step_seconds * (slowdown - 1))
 
-        stats = self.trainer.run(spec.inner_steps, on_step, should_stop=self.worker.stop_signal.is_set)
-        if self.worker.stop_signal.is_set() or stats.steps == 0:
+            if self.first_step_at is None:
+                self.first_step_at = time.monotonic()
+            started = time.monotonic()
+            stats = self.trainer.run(lease.steps, on_step, should_stop=self.worker.stop_signal.is_set)
+            # Compute time includes the emulated slowdown: it stands for a slower device's step time.
+            self.compute_seconds += time.monotonic() - started
+            steps, tokens = steps + stats.steps, tokens + stats.tokens
+            seconds += stats.seconds
+            if stats.steps:
+                loss_sum += stats.mean_loss * stats.steps
+            index += 1
+            if stats.steps < lease.steps:
+                break
+        mean = loss_sum / steps if steps else math.nan
+        return InnerStats(steps, tokens, mean, seconds)
+
+    def _round(self) -> str:
+        """Train one round, then average it (now, or in the background while the next one trains)
+        and commit; returns "continue", "resync" or "stop"."""
+        spec, round_ = self.spec, self.round
+        stats = self._train(round_)
+        if self.worker.stop_signal.is_set():
             return "stop"
         rate = stats.tokens / max(stats.seconds, 1e-9)
         self.heartbeat.progress = Progress(round_, stats.steps, stats.tokens, stats.mean_loss, rate)
         try:
-            delta = pseudo_gradient(self.state.params, self.layout.flatten(self.model))
-        except BadPseudoGradientError as e:  # never send a broken Δ; train the round again from θ_r
+            progress = pseudo_gradient(self.round_start, self.layout.flatten(self.model))
+        except BadPseudoGradientError as e:  # never send a broken Δ; train the round again from θ
             log.error("round=%d local training diverged: %s; resetting to the global state", round_, e)
-            self.layout.load_into(self.model, self.state.params)
+            self._restart_from_global()
             return "continue"
+        outgoing = progress + self.residual if self.residual is not None and stats.tokens else progress
+        if self.pending is not None:  # overlap: round r−1's average has had round r to arrive
+            instruction = self._finish(self.pending)
+            self.pending = None
+            if instruction == "stop":
+                return "stop"
+            if instruction == "resync" and self.state.round != round_:
+                return "resync"  # the global state moved past this round; its training is stale
         answer = self.client.report_round(
             worker_id=self.worker_id,
             round_=round_,
@@ -267,7 +381,7 @@ class TrainingSession:
             wait_s=spec.round_deadline_s + 30,
         )
         if answer.accepted and answer.group is not None and self.faults.fire(round_, "report"):
-            delta[0] = float("nan")  # the "nan" action: a buggy or hostile peer's pseudo-gradient
+            outgoing[0] = float("nan")  # the "nan" action: a buggy or hostile peer's pseudo-gradient
         if not answer.accepted or answer.group is None:
             log.warning(
                 "round=%d not averaged: %s; resyncing to round %d", round_, answer.reason, answer.next_round
@@ -277,7 +391,27 @@ class TrainingSession:
         on_exchange = (
             (lambda: self.faults.fire(round_, "allreduce")) if self.faults.find(round_, "allreduce") else None
         )
-        result = self.backend.all_reduce(answer.group, delta, float(stats.tokens), on_exchange=on_exchange)
+        group, weight = answer.group, float(stats.tokens)
+        future = self._averager.submit(self.backend.all_reduce, group, outgoing, weight, on_exchange)
+        pending = PendingAverage(round_, future, outgoing, stats)
+        if spec.overlap:
+            # Train round r+1 now, from the newest global θ plus our own progress not yet averaged in.
+            self.pending = pending
+            self.round = round_ + 1
+            self.round_start = self.state.params - progress
+            self.layout.load_into(self.model, self.round_start)
+            return "continue"
+        instruction = self._finish(pending)
+        if instruction != "resync":
+            self._restart_from_global()
+        return instruction
+
+    def _finish(self, pending: PendingAverage) -> str:
+        """Wait for a round's all-reduce, apply the outer step to the global θ, commit its checksum."""
+        spec, round_ = self.spec, pending.round
+        result = pending.future.result()
+        if self.spec.error_feedback and result.sent is not None and pending.stats.tokens:
+            self.residual = pending.outgoing - result.sent
         self.outer.step(self.state.params, result.average)
         self.state.round = round_ + 1
         checksum = self.state.checksum
@@ -286,29 +420,40 @@ class TrainingSession:
             worker_id=self.worker_id,
             round_=round_,
             checksum=checksum,
-            data_bytes=result.bytes_total,
+            data_bytes=result.bytes_sent,
             seconds=result.seconds,
             failed_spans=result.failed_spans,
             wait_s=2 * spec.allreduce_timeout_s + 60,
         )
+        stats = pending.stats
         self.worker.history.append(
             RoundSummary(
-                round_, stats.tokens, stats.mean_loss, result.bytes_total, checksum, commit.instruction
+                round_, stats.tokens, stats.mean_loss, result.bytes_sent, checksum, commit.instruction
             )
         )
         log.info(
-            "round=%d done tokens=%d loss=%.4f avg_bytes=%d avg_s=%.2f compute_s=%.2f checksum=%s -> %s",
+            "round=%d done tokens=%d steps=%d loss=%.4f sent_bytes=%d avg_s=%.2f compute_s=%.2f "
+            "utilisation=%.3f checksum=%s -> %s",
             round_,
             stats.tokens,
+            stats.steps,
             stats.mean_loss,
-            result.bytes_total,
+            result.bytes_sent,
             result.seconds,
             stats.seconds,
+            self.utilisation,
             checksum[:12],
             commit.instruction,
         )
         if commit.instruction == "resync":
             self._resync(commit.next_round)
-        else:
-            self.layout.load_into(self.model, self.state.params)
         return commit.instruction
+
+    def _drop_pending(self) -> None:
+        """Let an all-reduce in flight finish (our span's reducer serves the others) and forget it."""
+        pending, self.pending = getattr(self, "pending", None), None
+        if pending is not None:
+            try:
+                pending.future.result(timeout=3 * self.spec.allreduce_timeout_s + 10)
+            except Exception as e:
+                log.warning("round=%d background averaging ended badly: %s", pending.round, e)

@@ -227,22 +227,30 @@ class CommitRoundResponse(_message.Message):
     def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., reason: _Optional[str] = ..., next_round: _Optional[int] = ..., expected_checksum: _Optional[str] = ...) -> None: ...
 
 class LeaseDataRequest(_message.Message):
-    __slots__ = ("worker_id", "round")
+    __slots__ = ("worker_id", "round", "index")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class LeaseDataResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "epoch")
+    __slots__ = ("shard", "num_shards", "epoch", "steps", "round_full", "reason")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FULL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     epoch: int
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    steps: int
+    round_full: bool
+    reason: str
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ..., steps: _Optional[int] = ..., round_full: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("worker_id", "min_round", "offset")

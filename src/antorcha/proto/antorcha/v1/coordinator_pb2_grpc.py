@@ -131,8 +131,10 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LeaseData(self, request, context):
-        """Lease the data shard to train on in a round. Asking again for the same round returns the same
-        shard; a shard goes back to the pool if its round closes without this worker.
+        """Lease the next data shard to train on in a round (index 0, 1, ...). Asking again for the same
+        round and index returns the same shard; shards go back to the pool if their round closes without
+        this worker. In token-budget rounds a worker leases shards until the answer says the round is
+        full; in fixed-H rounds it gets one shard of H steps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
