@@ -13,7 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from antorcha.netem.links import parse_link
 
 Codec = Literal["none", "fp16", "bf16", "int8", "int4"]
 RoundMode = Literal["token_budget", "fixed_steps"]
@@ -156,6 +158,19 @@ class WorkerSettings(_Strict):
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate slower hardware: each inner step takes this many times longer."
     )
+    emulate_link: str = Field(
+        "",
+        description="Experiments: pace this worker's data plane in the application as a link of this "
+        "bandwidth and RTT, e.g. '100mbit/100ms' (where the kernel cannot shape one; see antorcha.netem).",
+    )
+
+    @field_validator("emulate_link")
+    @classmethod
+    def _valid_link(cls, value: str) -> str:
+        if value:
+            parse_link(value)  # raises ValueError with what is wrong
+        return value
+
     summary_file: str = Field(
         "", description="Write a JSON summary here at exit (rounds, tokens, compute utilisation, bytes)."
     )

@@ -34,6 +34,7 @@ from antorcha.averaging import codecs
 from antorcha.averaging.base import AllReduceResult, AveragingGroup, PeerDescriptor
 from antorcha.averaging.reducer import ReduceSession, RejectedContribution
 from antorcha.averaging.spans import span_layout
+from antorcha.netem.pacer import LinkPacer
 from antorcha.proto.antorcha.v1 import averaging_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ class HivemindBackend:
         client_mode: bool = False,
         identity_path: str | None = None,
         start_timeout_s: float = 60.0,
+        pacer: LinkPacer | None = None,
     ) -> None:
+        """`pacer` emulates a slow link in the application (bandwidth and latency of each exchange)
+        where the kernel cannot shape one (see antorcha.netem)."""
         # The DHT forks its own process: start it before any thread exists in this one.
         self.dht = _ParentBoundDHT(
             initial_peers=list(initial_peers),
@@ -92,6 +96,7 @@ class HivemindBackend:
             await_ready=True,
         )
         self.client_mode = client_mode
+        self.pacer = pacer
         visible = [] if client_mode else [str(m) for m in self.dht.get_visible_maddrs()]
         self._peer = PeerDescriptor(self.dht.peer_id.to_base58(), tuple(visible), client_mode)
         self._sessions: OrderedDict[str, asyncio.Future[ReduceSession]] = OrderedDict()
@@ -133,7 +138,11 @@ class HivemindBackend:
         return fut
 
     async def _handle(self, request: pb.ReducePartRequest, context: P2PContext) -> pb.ReducePartResponse:
+        if self.pacer is not None:
+            await self.pacer.receive(request.ByteSize())
         response = await self._reduce(context.remote_id.to_base58(), request)
+        if self.pacer is not None:
+            await self.pacer.send(response.ByteSize())
         fut = self._sessions.get(request.group_id)
         if fut is not None and fut.done() and not fut.cancelled():
             session = fut.result()
@@ -279,10 +288,16 @@ class HivemindBackend:
                 self._connected.add(peer_id)
             except Exception as e:  # maybe still reachable through a relay or the DHT; the call will tell
                 log.debug("direct connect failed peer=%s reason=%r", peer_id, e)
-        return await asyncio.wait_for(
+        if self.pacer is not None:
+            await self.pacer.send(request.ByteSize())
+            await self.pacer.round_trip()
+        response = await asyncio.wait_for(
             self._p2p.call_protobuf_handler(pid, HANDLER_NAME, request, pb.ReducePartResponse),
             timeout=3 * timeout_s + 5,
         )
+        if self.pacer is not None:
+            await self.pacer.receive(response.ByteSize())
+        return response
 
     async def _drain(self, timeout_s: float) -> None:
         """Let members that are still fetching our spans' results finish before we go away."""

@@ -80,6 +80,7 @@ class LeaseOutcome:
     lease: Lease | None  # None: the round is full (or not open) for this worker; report what it trained
     steps: int
     reason: str
+    last: bool = False  # no further shard will follow in this round (saves the worker one RPC)
 
 
 @dataclass
@@ -360,7 +361,8 @@ class CoordinatorCore:
         steps = self.spec.steps_per_shard
         held = self.ledger.held(worker_id, round_)
         if index < len(held):  # a retried call gets the same answer
-            return LeaseOutcome(held[index], steps, f"shard #{index} of round {round_} already leased")
+            last = self._is_last(round_)
+            return LeaseOutcome(held[index], steps, f"shard #{index} of round {round_} already leased", last)
         if index > len(held):
             return LeaseOutcome(None, 0, f"asked for shard #{index} of round {round_} but holds {len(held)}")
         full = self._round_full(worker_id, round_, index, now)
@@ -375,7 +377,14 @@ class CoordinatorCore:
         lease, reason = self.ledger.lease(worker_id, round_, index)
         log.debug("lease %s", reason)
         self._persist_leases()
-        return LeaseOutcome(lease, steps, reason)
+        return LeaseOutcome(lease, steps, reason, self._is_last(round_))
+
+    def _is_last(self, round_: int) -> bool:
+        if self.spec.round_mode == "fixed_steps":
+            return True
+        shard_tokens = self.spec.steps_per_shard * self.spec.tokens_per_step
+        leased = sum(1 for lease in self.ledger.all_leases() if lease.round == round_)
+        return self.round_budget(round_) - leased * shard_tokens < shard_tokens / 2
 
     def round_budget(self, round_: int) -> int:
         """Tokens round `round_` may train: fixed by the spec, or H steps' worth per worker taking part."""

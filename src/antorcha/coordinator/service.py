@@ -188,7 +188,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self._active(request.worker_id, context)
         outcome = self.core.lease_data(request.worker_id, request.round, request.index)
         response = pb.LeaseDataResponse(
-            num_shards=self.core.ledger.num_shards, round_full=outcome.lease is None, reason=outcome.reason
+            num_shards=self.core.ledger.num_shards,
+            round_full=outcome.lease is None,
+            reason=outcome.reason,
+            last=outcome.last,
         )
         if outcome.lease is not None:
             response.shard, response.epoch, response.steps = (

@@ -76,7 +76,14 @@ class LocalCluster:
             start_new_session=True,
         )
 
-    def start_coordinator(self, timeout_s: float = 120.0) -> str:
+    def start_coordinator(
+        self,
+        timeout_s: float = 120.0,
+        worker_address: str | None = None,
+        status_address: str | None = None,
+    ) -> str:
+        """Start the coordinator and wait until it is ready. In a slow-link lab, workers reach it at
+        `worker_address` (through the lab) and this process polls it at `status_address`."""
         config = self.workdir / "coordinator.toml"
         write_toml(config, {"coordinator": self.coordinator_settings, "run": self.run})
         ready = self.workdir / "coordinator.ready"
@@ -93,10 +100,10 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"coordinator not ready after {timeout_s}s: {self.tail('coordinator')}")
             time.sleep(0.1)
-        self.address = json.loads(ready.read_text())["address"]
+        self.address = worker_address or json.loads(ready.read_text())["address"]
         if self._client is not None:
             self._client.close()
-        self._client = CoordinatorClient(self.address, timeout_s=10.0)
+        self._client = CoordinatorClient(status_address or self.address, timeout_s=10.0)
         return self.address
 
     def start_worker(self, name: str, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:

@@ -80,6 +80,7 @@ class DataLease:
     steps: int = 0
     round_full: bool = False  # no shard: report what this round trained
     reason: str = ""
+    last: bool = False  # report after this shard without asking for another
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class CoordinatorClient:
     def lease_data(self, worker_id: str, round_: int, index: int = 0) -> DataLease:
         request = pb.LeaseDataRequest(worker_id=worker_id, round=round_, index=index)
         r = self._call(lambda: self.stub.LeaseData(request, timeout=self.timeout_s), "lease", 120.0)
-        return DataLease(r.shard, r.num_shards, r.epoch, r.steps, r.round_full, r.reason)
+        return DataLease(r.shard, r.num_shards, r.epoch, r.steps, r.round_full, r.reason, r.last)
 
     def run_status(self, timeout_s: float | None = None) -> pb.RunStatus:
         return self.stub.GetRunStatus(pb.GetRunStatusRequest(), timeout=timeout_s or self.timeout_s)

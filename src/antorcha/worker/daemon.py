@@ -37,6 +37,8 @@ from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
 from antorcha.diloco.state import GlobalState, decode_state
 from antorcha.model import build_model
+from antorcha.netem.links import parse_link
+from antorcha.netem.pacer import LinkPacer
 from antorcha.protocol import Progress
 from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, DataLease, JoinInfo
 from antorcha.worker.device import describe, pick_device
@@ -129,6 +131,7 @@ class Worker:
             host_maddrs=s.p2p_host_maddrs,
             announce_maddrs=s.p2p_announce_maddrs,
             client_mode=s.client_mode,
+            pacer=LinkPacer.from_spec(parse_link(s.emulate_link)) if s.emulate_link else None,
         )
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
@@ -173,8 +176,9 @@ class TrainingSession:
         self.pending: PendingAverage | None = None
         # Error feedback: what quantisation left out of the last pseudo-gradient we sent.
         self.residual = torch.zeros_like(self.state.params) if spec.error_feedback else None
-        self.compute_seconds = 0.0
+        self.compute_seconds = 0.0  # in inner steps of committed rounds and of the round in training
         self.first_step_at: float | None = None
+        self.last_commit_at: float | None = None
         self.round = self.state.round  # the round being trained; with overlap, one ahead of θ
         self.round_start = self.state.params.clone()  # where this round's local training started
 
@@ -268,11 +272,16 @@ class TrainingSession:
             log.warning("could not say goodbye to the coordinator: %s", e)
 
     @property
-    def utilisation(self) -> float:
-        """Share of wall time (from the first inner step to now) spent in inner steps."""
+    def wall_seconds(self) -> float:
+        """From the first inner step to the last commit (or now, before any commit)."""
         if self.first_step_at is None:
             return 0.0
-        return self.compute_seconds / max(time.monotonic() - self.first_step_at, 1e-9)
+        return (self.last_commit_at or time.monotonic()) - self.first_step_at
+
+    @property
+    def utilisation(self) -> float:
+        """Share of wall time spent in inner steps (of the rounds committed so far)."""
+        return self.compute_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def _write_summary(self) -> None:
         path = self.worker.settings.summary_file
@@ -283,7 +292,7 @@ class TrainingSession:
             "rounds": len(self.worker.history),
             "tokens": sum(h.tokens for h in self.worker.history),
             "compute_seconds": self.compute_seconds,
-            "wall_seconds": (time.monotonic() - self.first_step_at) if self.first_step_at else 0.0,
+            "wall_seconds": self.wall_seconds,
             "utilisation": self.utilisation,
             "data_plane_bytes_sent": sum(h.data_bytes for h in self.worker.history),
             "overlap": self.spec.overlap,
@@ -343,7 +352,7 @@ class TrainingSession:
             if stats.steps:
                 loss_sum += stats.mean_loss * stats.steps
             index += 1
-            if stats.steps < lease.steps:
+            if stats.steps < lease.steps or lease.last:
                 break
         mean = loss_sum / steps if steps else math.nan
         return InnerStats(steps, tokens, mean, seconds)
@@ -425,6 +434,7 @@ class TrainingSession:
             failed_spans=result.failed_spans,
             wait_s=2 * spec.allreduce_timeout_s + 60,
         )
+        self.last_commit_at = time.monotonic()
         stats = pending.stats
         self.worker.history.append(
             RoundSummary(

@@ -237,20 +237,22 @@ class LeaseDataRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class LeaseDataResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "epoch", "steps", "round_full", "reason")
+    __slots__ = ("shard", "num_shards", "epoch", "steps", "round_full", "reason", "last")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FULL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     epoch: int
     steps: int
     round_full: bool
     reason: str
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ..., steps: _Optional[int] = ..., round_full: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    last: bool
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ..., steps: _Optional[int] = ..., round_full: _Optional[bool] = ..., reason: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("worker_id", "min_round", "offset")
