@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from antorcha.averaging.base import AveragingGroup, GroupMember, PeerDescriptor
+from antorcha.averaging.codecs import encoded_size
 
 pytestmark = pytest.mark.slow
 SIZE = 300_000  # two chunks per span for some members
@@ -82,12 +83,14 @@ def spawn_peers() -> Iterator[object]:
         p.process.join(1)
 
 
-def _group(peers: list[Peer], weights: list[float], timeout_s: float = 5.0) -> AveragingGroup:
+def _group(
+    peers: list[Peer], weights: list[float], timeout_s: float = 5.0, codec: str = "none"
+) -> AveragingGroup:
     members = tuple(
         GroupMember(p.descriptor.peer_id, p.descriptor.maddrs, w, 0.0 if p.descriptor.client_mode else 1.0)
         for p, w in zip(peers, weights, strict=True)
     )
-    return AveragingGroup(f"test-{time.monotonic_ns()}", members, "none", timeout_s)
+    return AveragingGroup(f"test-{time.monotonic_ns()}", members, codec, timeout_s)
 
 
 def test_weighted_mean_is_exact_and_bitwise_identical_on_every_peer(spawn_peers) -> None:  # type: ignore[no-untyped-def]
@@ -105,6 +108,29 @@ def test_weighted_mean_is_exact_and_bitwise_identical_on_every_peer(spawn_peers)
         assert torch.equal(average, results[0][0])
         torch.testing.assert_close(average, expected, atol=1e-6, rtol=1e-5)
     assert all(r[2] > 0 for r in results)
+
+
+@pytest.mark.parametrize(("codec", "tolerance"), [("int8", 0.02), ("int4", 0.25)])
+def test_compressed_averages_are_bitwise_identical_on_every_peer(  # type: ignore[no-untyped-def]
+    spawn_peers, codec: str, tolerance: float
+) -> None:
+    peers = spawn_peers(4, [False, False, False, True])
+    weights = [0.0, 100.0, 300.0, 50.0]
+    gen = torch.Generator().manual_seed(1)
+    vectors = [torch.randn(SIZE, generator=gen) * 0.01 for _ in peers]
+    group = _group(peers, weights, codec=codec)
+    for p, v, w in zip(peers, vectors, weights, strict=True):
+        p.conn.send((group, v, w, "ok"))
+    results = [_recv(p.conn) for p in peers]
+    expected = sum(v * w for v, w in zip(vectors, weights, strict=True)) / sum(weights)
+    for average, failed, _, _ in results:
+        assert failed == 0
+        assert torch.equal(average, results[0][0]), "every replica decodes the same bytes"
+    error = float((results[0][0] - expected).norm() / expected.norm())
+    assert 0 < error < tolerance, f"{codec} relative error {error:.4f}"
+    # A peer moves (sends + receives) at most the whole vector four times over, compressed: its chunks
+    # out, the averages back, and the same for the span it reduces; proto framing adds little.
+    assert all(0 < r[2] <= 4 * encoded_size(codec, SIZE) * 1.01 for r in results)
 
 
 def test_a_nan_contribution_is_refused_and_the_others_still_agree(spawn_peers) -> None:  # type: ignore[no-untyped-def]
