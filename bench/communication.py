@@ -1,0 +1,196 @@
+"""Bytes per training token: DiLoCo (H, compression, error feedback) on a real local cluster against
+real torch.distributed (gloo) data-parallel training of the same model on the same number of tokens.
+
+    python bench/communication.py            # the full benchmark (~10-15 min on 2 CPU cores)
+    python bench/communication.py --quick    # a smoke run of a few minutes
+
+Every DiLoCo run is a coordinator and W worker processes averaging over hivemind; bytes are what each
+worker's data plane sent (its chunks to other reducers + its reducer's answers), read from the
+workers' summaries. The baseline's bytes are what each DDP rank sends in its gradient all-reduces
+(ring: 2(W-1)/W of the fp32 gradient per step). bytes_ratio = baseline bytes per token / DiLoCo bytes
+per token; ideal_ratio = H x 32 / bits. loss_gap = DiLoCo final eval loss / baseline's - 1, both
+evaluated on the same held-out batches after the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from antorcha.averaging.codecs import BITS
+from antorcha.config import RunSpec
+from antorcha.experiments.baseline import run_data_parallel
+from antorcha.experiments.cluster import LocalCluster
+
+
+@dataclass(frozen=True)
+class Setting:
+    inner_steps: int
+    codec: str
+    error_feedback: bool
+    outer_lr: float
+
+
+# Outer learning rates tuned with antorcha.experiments.simulate (see bench/README.md).
+FULL = [
+    Setting(50, "int8", False, 0.7),
+    Setting(100, "int4", True, 0.7),
+    Setting(250, "int4", True, 0.7),
+]
+QUICK = [Setting(25, "int8", False, 0.7), Setting(50, "int4", True, 0.7)]
+
+COMMON: dict[str, Any] = {
+    "model_size": "nano",
+    "seq_len": 64,
+    "batch_size": 8,
+    "inner_lr": 3e-3,
+    "inner_warmup_steps": 50,
+    "eval_batches": 16,
+    "round_mode": "fixed_steps",
+    "round_deadline_s": 600.0,
+    "allreduce_timeout_s": 30.0,
+}
+
+
+def run_diloco(workdir: Path, setting: Setting, workers: int, steps: int) -> dict[str, Any]:
+    rounds = steps // setting.inner_steps
+    run = {
+        **COMMON,
+        "run_id": f"h{setting.inner_steps}-{setting.codec}{'-ef' if setting.error_feedback else ''}",
+        "inner_steps": setting.inner_steps,
+        "codec": setting.codec,
+        "error_feedback": setting.error_feedback,
+        "outer_lr": setting.outer_lr,
+        "max_rounds": rounds,
+        "min_workers": workers,
+    }
+    started = time.monotonic()
+    with LocalCluster(workdir, run=run, coordinator={"lease_s": 30.0}) as cluster:
+        cluster.start_coordinator()
+        for w in range(workers):
+            cluster.start_worker(f"w{w}", {"summary_file": str(workdir / f"w{w}.summary.json")})
+        status = cluster.wait_for(
+            lambda s: s.phase == "finished" and all(math.isfinite(r.eval_loss) for r in s.rounds),
+            timeout_s=3600,
+            poll_s=1.0,
+        )
+        cluster.wait_workers(120)
+    summaries = [json.loads((workdir / f"w{w}.summary.json").read_text()) for w in range(workers)]
+    sent = sum(s["data_plane_bytes_sent"] for s in summaries) / workers
+    tokens = sum(s["tokens"] for s in summaries) / workers
+    return {
+        "H": setting.inner_steps,
+        "bits": BITS[setting.codec],
+        "codec": setting.codec,
+        "error_feedback": setting.error_feedback,
+        "outer_lr": setting.outer_lr,
+        "rounds": len(status.rounds),
+        "tokens_per_worker": tokens,
+        "bytes_sent_per_worker": sent,
+        "final_eval_loss": status.rounds[-1].eval_loss,
+        "initial_eval_loss": status.initial_eval_loss,
+        "replicas_consistent": status.replicas_consistent,
+        "control_plane_bytes": status.control_plane_bytes,
+        "state_bytes": status.state_bytes,
+        "data_plane_bytes": status.data_plane_bytes,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and settings: a smoke run")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=0, help="inner steps per worker (default 3000)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    steps = args.steps or (500 if args.quick else 3000)
+    settings = QUICK if args.quick else FULL
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="antorcha-bench-comm-"))
+    torch.set_num_threads(1)
+    spec = RunSpec.model_validate({**COMMON, "inner_steps": 1})
+    started = time.monotonic()
+
+    print(f"data parallel: {args.workers} gloo ranks x {steps} steps ...", file=sys.stderr, flush=True)
+    ddp = run_data_parallel(spec, args.workers, steps, eval_every=0)
+    ddp_tokens_per_worker = ddp.tokens / args.workers
+    ddp_bpt = ddp.bytes_sent_per_worker / ddp_tokens_per_worker
+
+    runs = []
+    for setting in settings:
+        print(f"diloco: {setting} ...", file=sys.stderr, flush=True)
+        name = f"h{setting.inner_steps}-{setting.codec}-ef{int(setting.error_feedback)}"
+        run = run_diloco(workdir / name, setting, args.workers, steps)
+        bpt = run["bytes_sent_per_worker"] / run["tokens_per_worker"]
+        run["bytes_ratio"] = ddp_bpt / bpt
+        run["ideal_ratio"] = setting.inner_steps * 32 / BITS[setting.codec]
+        run["loss_gap"] = run["final_eval_loss"] / ddp.final_eval_loss - 1
+        run["tokens_equal"] = run["tokens_per_worker"] == ddp_tokens_per_worker
+        runs.append(run)
+
+    print()
+    print(
+        f"model {ddp.model_size} ({ddp.num_parameters:,} parameters), {args.workers} workers, "
+        f"{steps} steps x {COMMON['batch_size']} x {COMMON['seq_len']} tokens per worker "
+        f"({ddp.tokens:,} tokens in all); baseline: {ddp.method}, final eval loss "
+        f"{ddp.final_eval_loss:.4f}, {ddp_bpt:.1f} bytes sent per worker per token"
+    )
+    header = f"{'H':>5} {'codec':>6} {'EF':>3} {'rounds':>6} {'eval':>7} {'gap':>7} {'bytes/tok':>10} "
+    print(header + f"{'ratio':>8} {'ideal':>7} {'of ideal':>8}")
+    for r in runs:
+        print(
+            f"{r['H']:>5} {r['codec']:>6} {'y' if r['error_feedback'] else 'n':>3} {r['rounds']:>6} "
+            f"{r['final_eval_loss']:>7.4f} {100 * r['loss_gap']:>+6.2f}% "
+            f"{r['bytes_sent_per_worker'] / r['tokens_per_worker']:>10.4f} {r['bytes_ratio']:>7.1f}x "
+            f"{r['ideal_ratio']:>6.0f}x {r['bytes_ratio'] / r['ideal_ratio']:>7.1%}"
+        )
+    within = [r for r in runs if r["loss_gap"] <= 0.05]
+    best = max(within, key=lambda r: r["bytes_ratio"]) if within else None
+    control = sum(r["control_plane_bytes"] for r in runs) / max(1, sum(r["data_plane_bytes"] for r in runs))
+    print(
+        f"largest reduction at a loss gap <= 5%: {best['bytes_ratio']:.0f}x (H={best['H']}, {best['codec']})"
+        if best
+        else "none within 5%"
+    )
+    print(
+        f"protocol overhead: control plane = {100 * control:.2f}% of data-plane bytes; a joiner's state "
+        f"download (parameters + outer momentum, fp32) = {runs[0]['state_bytes'] / args.workers:,.0f} bytes "
+        f"once per worker, not counted above (DDP's initial broadcast, {ddp.initial_broadcast_bytes:,} "
+        f"bytes, is not counted either)"
+    )
+    print(f"total {time.monotonic() - started:.0f}s; logs in {workdir}")
+    summary = {
+        "runs": [
+            {k: r[k] for k in ("H", "bits", "error_feedback", "bytes_ratio", "ideal_ratio", "loss_gap")}
+            | {"codec": r["codec"], "outer_lr": r["outer_lr"], "rounds": r["rounds"]}
+            for r in runs
+        ],
+        "baseline": {
+            "method": ddp.method,
+            "final_eval_loss": ddp.final_eval_loss,
+            "bytes_per_token": ddp_bpt,
+        },
+        "model_size": ddp.model_size,
+        "num_parameters": ddp.num_parameters,
+        "workers": args.workers,
+        "steps_per_worker": steps,
+        "tokens": ddp.tokens,
+        "largest_ratio_within_5pct": best["bytes_ratio"] if best else None,
+        "control_plane_overhead": control,
+        "seconds": time.monotonic() - started,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
