@@ -68,6 +68,12 @@ class RunSpec(_Strict):
     inner_lr: float = Field(3e-3, gt=0, lt=1, description="AdamW learning rate of the inner steps.")
     inner_weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     inner_warmup_steps: int = Field(20, ge=0, description="Linear warm-up of the inner learning rate.")
+    inner_decay_steps: int = Field(
+        0,
+        ge=0,
+        description="Cosine decay of the inner learning rate to 10% over this many of a worker's steps "
+        "(counted from the start, warm-up included); 0 keeps it constant after warm-up.",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm of each inner step to this.")
     outer_lr: float = Field(0.7, gt=0, le=10, description="Learning rate of the outer Nesterov SGD.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the outer SGD.")

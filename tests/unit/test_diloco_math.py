@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 
 import pytest
 import torch
@@ -100,3 +101,22 @@ def test_pseudo_gradient_rejects_non_finite_values() -> None:
     with pytest.raises(BadPseudoGradientError, match="1 non-finite"):
         pseudo_gradient(torch.zeros(3), local)
     torch.testing.assert_close(pseudo_gradient(torch.ones(3), torch.zeros(3)), torch.ones(3))
+
+
+def test_inner_learning_rate_warms_up_then_decays_by_cosine_to_a_tenth() -> None:
+    spec = RunSpec(inner_lr=1e-2, inner_warmup_steps=10, inner_decay_steps=110)
+    trainer = InnerTrainer(torch.nn.Linear(2, 2), spec, None, torch.device("cpu"))
+    lrs = []
+    for step in range(130):
+        trainer.total_steps = step
+        lrs.append(trainer._lr())
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+    assert lrs[10] == pytest.approx(1e-2), "the decay starts at the peak"
+    assert lrs[60] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5)), "halfway: midpoint of the cosine"
+    assert lrs[110] == pytest.approx(1e-3) and lrs[129] == pytest.approx(1e-3), "then stays at a tenth"
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])), "never rises after warm-up"
+    constant = InnerTrainer(
+        torch.nn.Linear(2, 2), RunSpec(inner_lr=1e-2, inner_warmup_steps=0), None, torch.device("cpu")
+    )
+    constant.total_steps = 10_000
+    assert constant._lr() == 1e-2

@@ -44,9 +44,12 @@ class InnerTrainer:
         self._autocast = device.type == "cuda"
 
     def _lr(self) -> float:
-        warmup = self.spec.inner_warmup_steps
-        if warmup and self.total_steps < warmup:
-            return self.spec.inner_lr * (self.total_steps + 1) / warmup
+        warmup, decay, step = self.spec.inner_warmup_steps, self.spec.inner_decay_steps, self.total_steps
+        if warmup and step < warmup:
+            return self.spec.inner_lr * (step + 1) / warmup
+        if decay > warmup:
+            progress = min(1.0, (step - warmup) / (decay - warmup))
+            return self.spec.inner_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         return self.spec.inner_lr
 
     def step(self) -> float:
