@@ -56,18 +56,24 @@ class _ParentBoundDHT(hivemind.DHT):
     """
 
     def run(self) -> None:
-        _die_with_parent()
+        _die_with_parent(self._creator_pid)
         super().run()
 
+    def start(self) -> None:
+        self._creator_pid = os.getpid()  # set before the fork, read in the child
+        super().start()
 
-def _die_with_parent() -> None:
+
+def _die_with_parent(creator_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     os.setpgrp()  # our own group, so that p2pd (started next) can be taken down with us
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    # The parent died before prctl took effect. (Compare with the creator's pid, not 1: in a container
+    # the creator may itself be pid 1.)
+    if os.getppid() != creator_pid:
         os.killpg(0, signal.SIGKILL)
 
 
