@@ -65,6 +65,7 @@ def run_diloco(workdir: Path, setting: Setting, workers: int, steps: int) -> dic
     rounds = steps // setting.inner_steps
     run = {
         **COMMON,
+        "inner_decay_steps": steps,
         "run_id": f"h{setting.inner_steps}-{setting.codec}{'-ef' if setting.error_feedback else ''}",
         "inner_steps": setting.inner_steps,
         "codec": setting.codec,
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="antorcha-bench-comm-"))
     torch.set_num_threads(1)
-    spec = RunSpec.model_validate({**COMMON, "inner_steps": 1})
+    spec = RunSpec.model_validate({**COMMON, "inner_steps": 1, "inner_decay_steps": steps})
     started = time.monotonic()
 
     print(f"data parallel: {args.workers} gloo ranks x {steps} steps ...", file=sys.stderr, flush=True)

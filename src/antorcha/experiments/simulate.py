@@ -3,8 +3,9 @@ codecs (per-span quantisation with error feedback), weighted average and outer o
 distributed system, with the workers run one after another. No network, no coordinator: use it to
 pick an outer learning rate or sweep H quickly; measure bytes and wall time on a real cluster.
 
-Data: worker w trains in round r on shard (r·W + w) of the training split, read front to back, so a
-simulated run sees the same amount of distinct data as a real one.
+Data: worker w trains in round r on the (r·W + w)-th shard of the data ledger's seeded permutation,
+read front to back, as a real run's ledger hands them out (neighbouring shards hold neighbouring
+files, so taking them in order would make every round's data far from i.i.d.).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from antorcha.averaging.codecs import roundtrip
 from antorcha.config import RunSpec
+from antorcha.coordinator.ledger import DataLedger
 from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, eval_batches, evaluate, load_stdlib_corpus
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
@@ -67,6 +69,7 @@ def simulate(spec: RunSpec, workers: int, rounds: int, *, eval_every: int = 1) -
     corpus = load_stdlib_corpus(spec.corpus_max_bytes)
     tokens_per_round = spec.inner_steps * spec.tokens_per_step
     num_shards = max(workers * rounds, corpus.train.numel() // tokens_per_round)
+    order = DataLedger(num_shards, seed=spec.seed).order(0)
     evals_data = eval_batches(corpus.eval, spec.seq_len, spec.batch_size, spec.eval_batches)
     global_model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed)
     layout = ParamLayout.of(global_model)
@@ -87,7 +90,7 @@ def simulate(spec: RunSpec, workers: int, rounds: int, *, eval_every: int = 1) -
         total = torch.zeros_like(theta)
         for w in range(workers):
             layout.load_into(replicas[w], theta)
-            readers[w].start((r * workers + w) % num_shards)
+            readers[w].start(order[(r * workers + w) % num_shards])
             trainers[w].sampler = readers[w]
             trainers[w].run(spec.inner_steps)
             outgoing = torch.sub(theta, layout.flatten(replicas[w]))
