@@ -1,4 +1,10 @@
-"""The `antorcha` command: coordinator, worker, demo and status."""
+"""The `antorcha` command: coordinator, worker, demo; and the operator's status, workers, evict,
+pause and resume, which talk to a coordinator's gRPC port.
+
+Exit codes: 0 done; 1 an unexpected error; 2 a bad config or argument; 3 the coordinator refused
+(e.g. a protocol version mismatch, or this worker was evicted); 4 the coordinator could not be
+reached.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from google.protobuf.json_format import MessageToDict
+import grpc
 
 from antorcha.config import ConfigError, CoordinatorConfig, WorkerConfig, load_config
 from antorcha.logs import setup_logging
@@ -39,7 +46,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = config.worker.model_copy(update=updates)
     WorkerConfig.model_validate({"worker": settings.model_dump()})  # re-validate the overrides
     setup_logging("worker", args.log_level)
-    return Worker(settings).run()
+    return Worker(settings).run()  # refusals and an unreachable coordinator are reported by main()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,23 +57,88 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.workers, rounds, args.json, workdir, churn=args.churn)
 
 
+def _fetch_status(address: str, rounds: int) -> dict[str, Any]:
+    from antorcha.dashboard.api import status_document
+    from antorcha.worker.client import CoordinatorClient, CoordinatorUnreachableError
+
+    client = CoordinatorClient(address, timeout_s=10)
+    try:
+        return status_document(client.run_status(rounds_limit=rounds))
+    except grpc.RpcError as e:
+        raise CoordinatorUnreachableError(
+            f"the coordinator at {address} did not answer ({e.code().name}: {e.details()})"  # type: ignore[attr-defined]
+        ) from None
+    finally:
+        client.close()
+
+
+def _loss(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
 def _status(args: argparse.Namespace) -> int:
+    doc = _fetch_status(args.coordinator, args.rounds)
+    if args.json:  # the same document as the dashboard's /api/status (plus the newest rounds)
+        print(json.dumps(doc))
+        return 0
+    paused = " · paused" if doc["paused"] and doc["phase"] != "paused" else ""
+    of = f"/{doc['max_rounds']}" if doc["max_rounds"] else ""
+    print(
+        f"run {doc['run_id']}: round {doc['round']}{of} ({doc['phase']}{paused}), "
+        f"{doc['active_workers']} active of {len(doc['workers'])} workers"
+    )
+    print(
+        f"train loss {_loss(doc['train_loss'])}, eval loss {_loss(doc['eval_loss'])} "
+        f"(from {_loss(doc['initial_eval_loss'])}), {doc['tokens']} tokens, "
+        f"{doc['tokens_per_second'] or 0:.0f} tokens/s"
+    )
+    for r in doc["rounds"]:
+        print(
+            f"  round {r['round']:>5}: {r['workers']} workers, train {_loss(r['train_loss'])}, "
+            f"eval {_loss(r['eval_loss'])}, {r['seconds'] or 0:.1f}s"
+        )
+    _print_workers(doc["workers"])
+    return 0
+
+
+def _print_workers(workers: list[dict[str, Any]]) -> None:
+    print(
+        f"  {'id':<14} {'name':<16} {'state':<10} {'device':<6} {'tokens/s':>9} {'heartbeat':>9} "
+        f"{'rounds':>6} {'tokens':>10}"
+    )
+    for w in workers:
+        rate = f"{w['tokens_per_second'] or 0:.0f}"
+        beat = f"{w['seconds_since_heartbeat'] or 0:.1f}s"
+        detail = f"  ({w['detail']})" if w["detail"] else ""
+        print(
+            f"  {w['worker_id']:<14} {w['name'][:16]:<16} {w['state']:<10} {w['device']['kind']:<6} "
+            f"{rate:>9} {beat:>9} {w['rounds_contributed']:>6} {w['tokens']:>10}{detail}"
+        )
+
+
+def _workers(args: argparse.Namespace) -> int:
+    doc = _fetch_status(args.coordinator, 0)
+    if args.json:
+        print(json.dumps({"round": doc["round"], "workers": doc["workers"]}))
+        return 0
+    _print_workers(doc["workers"])
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
     from antorcha.worker.client import CoordinatorClient
 
     client = CoordinatorClient(args.coordinator, timeout_s=10)
-    status = client.run_status()
-    client.close()
-    if args.json:
-        print(json.dumps(MessageToDict(status, preserving_proto_field_name=True)))
-        return 0
-    last = status.rounds[-1] if status.rounds else None
-    print(f"run {status.run_id}: round {status.round} ({status.phase}), {len(status.workers)} workers")
-    if last is not None:
-        print(f"last round {last.round}: eval loss {last.eval_loss:.4f}, train loss {last.train_loss:.4f}")
-    for w in status.workers:
-        print(
-            f"  {w.worker_id} {w.name:<16} {w.state:<10} rounds={w.rounds_contributed} device={w.device.kind}"
-        )
+    try:
+        if args.command == "pause":
+            answer = client.pause(args.reason)
+        elif args.command == "resume":
+            answer = client.resume()
+        else:
+            answer = client.evict(args.worker, args.reason)
+    finally:
+        client.close()
+    print(answer.message if answer.changed else f"nothing to do: {answer.message}")
     return 0
 
 
@@ -99,9 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("status", help="show a coordinator's run status")
-    p.add_argument("--coordinator", default="127.0.0.1:50051")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    p.add_argument("--json", action="store_true", help="print the dashboard's /api/status document")
+    p.add_argument("--rounds", type=int, default=5, help="also show the newest N rounds (default 5)")
     p.set_defaults(fn=_status)
+
+    p = sub.add_parser("workers", help="list a coordinator's workers")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_workers)
+
+    p = sub.add_parser("evict", help="remove a worker from the run for good (it may not rejoin)")
+    p.add_argument("worker", help="worker id (see `antorcha workers`)")
+    p.add_argument("--reason", default="", help="told to the worker and kept in the events")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    p.set_defaults(fn=_operator)
+
+    p = sub.add_parser("pause", help="open no new round until resume (the round in flight finishes)")
+    p.add_argument("--reason", default="", help="kept in the events")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    p.set_defaults(fn=_operator)
+
+    p = sub.add_parser("resume", help="open rounds again after a pause")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    p.set_defaults(fn=_operator)
     return parser
 
 
@@ -112,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"antorcha: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the two ways a coordinator says no: print them for a person, no traceback
+        from antorcha.worker.client import CoordinatorRefusedError, CoordinatorUnreachableError
+
+        if isinstance(e, CoordinatorRefusedError):
+            print(f"antorcha {args.command}: {e}", file=sys.stderr)
+            return 3
+        if isinstance(e, CoordinatorUnreachableError):
+            print(f"antorcha {args.command}: {e}", file=sys.stderr)
+            return 4
+        raise
 
 
 if __name__ == "__main__":

@@ -138,6 +138,14 @@ class CoordinatorSettings(_Strict):
         "", description="Where the run's database and checkpoints live; empty = keep nothing."
     )
     checkpoints_keep: int = Field(3, ge=1, description="How many of the newest checkpoints to keep.")
+    http_port: int = Field(
+        8080, ge=0, le=65535, description="Port of the dashboard, its JSON API and /metrics (HTTP); 0 = off."
+    )
+    http_host: str = Field(
+        "",
+        description="Address the dashboard binds to; empty = the gRPC `host`. It has no login: keep it "
+        "on a private address or behind a proxy that authenticates.",
+    )
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> CoordinatorSettings:
@@ -161,6 +169,9 @@ class WorkerSettings(_Strict):
     token: str = Field("", description="Join token given by the operator.")
     identity_file: str = Field("", description="Keep the worker id here to resume it after a restart.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of ordinary RPCs to the coordinator.")
+    connect_timeout_s: float = Field(
+        120.0, gt=0, description="Give up (exit 4) when the coordinator cannot be reached this long at start."
+    )
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate slower hardware: each inner step takes this many times longer."
     )
@@ -177,6 +188,19 @@ class WorkerSettings(_Strict):
             parse_link(value)  # raises ValueError with what is wrong
         return value
 
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics at http://metrics_host:PORT/metrics; 0 = off.",
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics endpoint binds to.")
+    progress: Literal["auto", "line", "log", "off"] = Field(
+        "auto",
+        description="Progress display: line (one updating line on stderr), log (a log line every "
+        "progress_interval_s), off; auto = line on a terminal, log otherwise.",
+    )
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines.")
     summary_file: str = Field(
         "", description="Write a JSON summary here at exit (rounds, tokens, compute utilisation, bytes)."
     )

@@ -124,6 +124,10 @@ def run_demo(
     try:
         address = cluster.start_coordinator()
         print(f"coordinator on {address}; logs in {base}", file=out)
+        if cluster.dashboard_url:
+            print(
+                f"  dashboard: {cluster.dashboard_url} (Prometheus: {cluster.dashboard_url}metrics)", file=out
+            )
         print(f"  watch it: antorcha status --coordinator {address}", file=out)
         plans = schedule.crash_plans() if schedule else {}
         for i in range(workers):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antorcha.averaging.base import PeerDescriptor
-from antorcha.coordinator.membership import Membership, UnknownWorkerError, WorkerState
+from antorcha.coordinator.membership import EvictedWorkerError, Membership, UnknownWorkerError, WorkerState
 from antorcha.protocol import DeviceInfo, Progress
 
 
@@ -215,3 +215,30 @@ def test_rejoin_after_leaving_by_silence_keeps_worker_id_and_slot_and_clears_lea
     assert "left" in reason
     assert members.expire(20.0) == [(b, "no heartbeat for 9.0s > lease 5.0s")]
     assert members.workers[b].state == WorkerState.LOST, "the earlier leave request no longer applies"
+
+
+def test_evicted_worker_is_inactive_and_may_not_rejoin_under_its_id() -> None:
+    members = Membership(lease_s=5.0)
+    a = _join(members, "a")
+    changed, reason = members.evict(a)
+    assert changed and "evicted" in reason and "was active" in reason
+    assert members.workers[a].state == WorkerState.EVICTED
+    assert members.active() == []
+    with pytest.raises(UnknownWorkerError):
+        members.get_active(a)
+    with pytest.raises(EvictedWorkerError):
+        _join(members, "a", worker_id=a)
+    assert members.evict(a) == (False, f"worker {a} was already evicted")
+    assert members.evict("w-nobody")[0] is False
+    assert members.expire(now=1000.0) == []  # an evicted worker is not "lost" later
+    b = _join(members, "a")  # a new identity is a new worker
+    assert b != a
+
+
+def test_evicting_a_worker_that_asked_to_leave_drops_the_leave() -> None:
+    members = Membership(lease_s=5.0)
+    a = _join(members, "a")
+    members.request_leave(a)
+    members.evict(a)
+    assert members.apply_leaves() == []
+    assert members.workers[a].state == WorkerState.EVICTED

@@ -175,3 +175,59 @@ def test_zero_max_rounds_runs_on() -> None:
         machine.close(0.0, {"a", "b"})
     assert machine.phase == Phase.TRAINING
     assert machine.round == 5
+
+
+# ---- operator pause / resume ---------------------------------------------------------------------
+
+
+def test_pause_lets_the_round_in_flight_finish_then_holds_the_next() -> None:
+    machine = _training()
+    changed, reason = machine.pause()
+    assert changed and "round 0 finishes" in reason
+    assert machine.phase == Phase.TRAINING  # the round in flight goes on
+    machine.report(0, _report("a"))
+    machine.report(0, _report("b"))
+    assert machine.tick(1.0, {"a", "b"}).form_group
+    reason = machine.close(2.0, {"a", "b"})
+    assert machine.phase == Phase.PAUSED and machine.round == 1
+    assert "paused" in reason
+    decision = machine.tick(100.0, {"a", "b"})
+    assert not decision.form_group and "opens on resume" in decision.reason
+    assert machine.phase == Phase.PAUSED and machine.round == 1
+    ok, why = machine.report(1, _report("a"))
+    assert not ok and "paused" in why
+
+
+def test_resume_opens_the_held_round_at_the_next_tick() -> None:
+    machine = RoundMachine(max_rounds=0, min_workers=1, deadline_s=60.0)
+    assert machine.pause() == (True, "paused; round 0 opens on resume")  # waiting: paused at once
+    assert machine.phase == Phase.PAUSED
+    assert machine.pause()[0] is False  # idempotent
+    changed, reason = machine.resume()
+    assert changed and "resumed" in reason
+    assert machine.phase == Phase.WAITING
+    machine.tick(5.0, {"a"})
+    assert machine.phase == Phase.TRAINING and machine.opened_at == 5.0
+    assert machine.resume() == (False, "not paused")
+
+
+def test_resume_before_the_round_ends_cancels_the_pause() -> None:
+    machine = _training()
+    machine.pause()
+    assert machine.resume()[0]
+    machine.report(0, _report("a"))
+    machine.report(0, _report("b"))
+    machine.tick(1.0, {"a", "b"})
+    machine.close(2.0, {"a", "b"})
+    assert machine.phase == Phase.TRAINING and machine.round == 1
+
+
+def test_a_finished_run_cannot_be_paused_and_the_last_round_finishes_it() -> None:
+    machine = _training(max_rounds=1)
+    machine.pause()
+    machine.report(0, _report("a"))
+    machine.report(0, _report("b"))
+    machine.tick(1.0, {"a", "b"})
+    machine.close(2.0, {"a", "b"})
+    assert machine.phase == Phase.FINISHED  # max_rounds wins over the pause
+    assert machine.pause() == (False, "the run is finished")

@@ -21,15 +21,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup, GroupMember
+from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup
 from antorcha.config import CoordinatorSettings, RunSpec
 from antorcha.coordinator.budget import BudgetView, next_shard_refusal
 from antorcha.coordinator.checkpoints import CheckpointStore, CheckpointWriteError
+from antorcha.coordinator.grouping import make_group
 from antorcha.coordinator.ledger import DataLedger, Lease
 from antorcha.coordinator.membership import Membership, WorkerRecord, WorkerState
+from antorcha.coordinator.operator import OperatorControls
 from antorcha.coordinator.replica import CoordinatorReplica
 from antorcha.coordinator.rounds import Phase, Report, RoundMachine
 from antorcha.coordinator.store import RunStore
+from antorcha.coordinator.telemetry import Telemetry
 from antorcha.diloco.state import decode_state
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ class LeaseOutcome:
     steps: int
     reason: str
     last: bool = False  # no further shard will follow in this round (saves the worker one RPC)
+    wait: bool = False  # the round is not open yet (paused, or waiting for workers): ask again later
 
 
 @dataclass
@@ -120,6 +124,8 @@ class CoordinatorCore:
         self._round_started = time.monotonic()
         self._last_lease_at: dict[str, tuple[int, float]] = {}  # worker -> (round, time of its last lease)
         self.shard_seconds: dict[str, float] = {}  # worker -> measured seconds to train one shard
+        self.telemetry = Telemetry(store)  # events, timings and metrics for the operator surface
+        self.operator = OperatorControls(self)  # pause, resume, evict
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -157,6 +163,7 @@ class CoordinatorCore:
             info, state = loaded
             self.replica.restore(state)
             start_round = state.round
+            self.telemetry.checkpointed(info.created_at)
             log.info(
                 "restored checkpoint round=%d path=%s checksum=%s", state.round, info.path, info.checksum
             )
@@ -184,7 +191,9 @@ class CoordinatorCore:
         )
         self.state_bytes = int(self.store.get_meta("state_bytes") or 0)
         self.control_plane_bytes = int(self.store.get_meta("control_plane_bytes") or 0)
-        self.store.add_event("restart", round_=start_round, detail=f"resumed at round {start_round}")
+        self.telemetry.restore(start_round)
+        self.operator.restore()
+        self.telemetry.event("restart", round_=start_round, detail=f"resumed at round {start_round}")
 
     @staticmethod
     def _round_from_row(row: dict[str, Any]) -> RoundLog:
@@ -235,7 +244,7 @@ class CoordinatorCore:
     def _record_worker(self, worker_id: str, event: str, detail: str = "") -> None:
         if self.store is not None:
             self.store.save_worker(self.members.workers[worker_id])
-            self.store.add_event(event, worker_id, self.rounds.round, detail)
+        self.telemetry.event(event, worker_id, self.rounds.round, detail)
 
     def _active_ids(self) -> set[str]:
         """Workers a round waits for: active and not on their way out."""
@@ -255,18 +264,17 @@ class CoordinatorCore:
     # ---- rounds --------------------------------------------------------------------------------
 
     def _make_group(self, worker_ids: tuple[str, ...]) -> AveragingGroup:
-        me = self.backend.peer
-        members = [GroupMember(me.peer_id, me.maddrs, 0.0, 0.0 if me.client_mode else 1.0, "")]
-        for worker_id in worker_ids:
-            peer = self.members.workers[worker_id].peer
-            tokens = float(self.rounds.reports[worker_id].tokens)
-            members.append(
-                GroupMember(peer.peer_id, peer.maddrs, tokens, 0.0 if peer.client_mode else 1.0, worker_id)
-            )
-        group_id = f"{self.spec.run_id}.r{self.rounds.round}.{uuid.uuid4().hex[:8]}"
-        return AveragingGroup(group_id, tuple(members), self.spec.codec, self.spec.allreduce_timeout_s)
+        return make_group(
+            f"{self.spec.run_id}.r{self.rounds.round}.{uuid.uuid4().hex[:8]}",
+            self.backend.peer,
+            [(w, self.members.workers[w].peer) for w in worker_ids],
+            {w: self.rounds.reports[w].tokens for w in worker_ids},
+            self.spec.codec,
+            self.spec.allreduce_timeout_s,
+        )
 
     async def _average(self, round_: int, group: AveragingGroup) -> None:
+        started = time.monotonic()
         reports = dict(self.rounds.reports)
         entry = RoundLog(round=round_, workers=len(reports), tokens=sum(r.tokens for r in reports.values()))
         losses = [r.train_loss for r in reports.values() if math.isfinite(r.train_loss)]
@@ -302,7 +310,9 @@ class CoordinatorCore:
                     self._record_worker(worker_id, "leave")
                 self.store.set_meta("state_bytes", str(self.state_bytes))
                 self.store.set_meta("control_plane_bytes", str(self.control_plane_bytes))
+                self.telemetry.flush()
         await self._checkpoint()
+        self.telemetry.round_closed(entry, reports, result, time.monotonic() - started)
         now = time.monotonic()
         reason = self.rounds.close(now, self._active_ids())
         self._round_started = now
@@ -328,11 +338,11 @@ class CoordinatorCore:
             return
         round_, data, _ = await self.in_replica(self.replica.encoded)
         try:
-            await self.in_replica(self.checkpoints.save, round_, data, self.replica.checksum)
+            info = await self.in_replica(self.checkpoints.save, round_, data, self.replica.checksum)
+            self.telemetry.checkpointed(info.created_at)
         except CheckpointWriteError as e:  # e.g. a full disk: keep training, the older checkpoint stays
             log.error("checkpoint of round %d not written: %s", round_, e)
-            if self.store is not None:
-                self.store.add_event("checkpoint_failed", round_=round_, detail=str(e))
+            self.telemetry.event("checkpoint_failed", round_=round_, detail=str(e))
 
     # ---- what the RPCs ask -------------------------------------------------------------------
 
@@ -365,6 +375,9 @@ class CoordinatorCore:
             return LeaseOutcome(held[index], steps, f"shard #{index} of round {round_} already leased", last)
         if index > len(held):
             return LeaseOutcome(None, 0, f"asked for shard #{index} of round {round_} but holds {len(held)}")
+        not_open = self._not_open_yet(round_)
+        if not_open:
+            return LeaseOutcome(None, 0, not_open, wait=True)
         full = self._round_full(worker_id, round_, index, now)
         if full:
             return LeaseOutcome(None, 0, full)
@@ -378,6 +391,15 @@ class CoordinatorCore:
         log.debug("lease %s", reason)
         self._persist_leases()
         return LeaseOutcome(lease, steps, reason, self._is_last(round_))
+
+    def _not_open_yet(self, round_: int) -> str:
+        """Why a worker should wait before training `round_` ("" = it may ask for a shard now)."""
+        current, phase = self.rounds.round, self.rounds.phase
+        if (round_ == current and phase == Phase.PAUSED) or (round_ > current and self.rounds.paused):
+            return f"paused by the operator; round {round_} opens on resume"
+        if round_ == current and phase == Phase.WAITING:
+            return f"round {round_} opens when enough workers are active"
+        return ""
 
     def _is_last(self, round_: int) -> bool:
         if self.spec.round_mode == "fixed_steps":
@@ -462,8 +484,7 @@ class CoordinatorCore:
                 "checksum mismatch worker=%s round=%d got=%s want=%s", worker_id, round_, checksum, expected
             )
             self.counters.resyncs += 1
-            if self.store is not None:
-                self.store.add_event("resync", worker_id, round_, "checksum differs")
+            self.telemetry.event("resync", worker_id, round_, "checksum differs")
             return CommitOutcome(
                 True, stop, "checksum differs from the coordinator's replica", round_ + 1, expected
             )

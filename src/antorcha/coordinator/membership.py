@@ -17,10 +17,15 @@ class WorkerState(StrEnum):
     ACTIVE = "active"
     LEFT = "left"
     LOST = "lost"
+    EVICTED = "evicted"  # removed by an operator; never admitted again in this run
 
 
 class UnknownWorkerError(KeyError):
     """The worker id was never admitted, or it left or lost its lease."""
+
+
+class EvictedWorkerError(PermissionError):
+    """The worker was evicted by an operator; it may not take part in this run again."""
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Membership:
         self, *, name: str, peer: PeerDescriptor, device: DeviceInfo, now: float, worker_id: str = ""
     ) -> tuple[WorkerRecord, str]:
         known = self.workers.get(worker_id) if worker_id else None
+        if known is not None and known.state == WorkerState.EVICTED:
+            raise EvictedWorkerError(worker_id)
         if known is not None:
             previous = known.state
             known.peer, known.device, known.name = peer, device, name or known.name
@@ -79,6 +86,17 @@ class Membership:
             return f"worker {worker_id} is not active; nothing to do"
         record.leaving = True
         return f"worker {worker_id} leaves at the round boundary"
+
+    def evict(self, worker_id: str) -> tuple[bool, str]:
+        """Remove a worker for good, whatever its state; it may not rejoin under this id."""
+        record = self.workers.get(worker_id)
+        if record is None:
+            return False, f"no worker {worker_id!r} in this run"
+        if record.state == WorkerState.EVICTED:
+            return False, f"worker {worker_id} was already evicted"
+        previous = record.state
+        record.state, record.leaving = WorkerState.EVICTED, False
+        return True, f"worker {worker_id} evicted (was {previous})"
 
     def apply_leaves(self) -> list[str]:
         """At a round boundary: workers that asked to leave are gone."""

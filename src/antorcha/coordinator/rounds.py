@@ -3,6 +3,9 @@
 A round r goes WAITING (too few workers) → TRAINING (admitted workers run inner steps from θ_r) →
 AVERAGING (the group is fixed: the workers that reported in time) → the coordinator's replica applies
 the outer step, and round r+1 opens in TRAINING (or the run is FINISHED). Each decision carries a reason.
+
+An operator's pause takes effect at the round boundary: the round in flight finishes, and instead of
+opening the next one the machine goes to PAUSED until `resume` (a run WAITING pauses at once).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ class Phase(StrEnum):
     WAITING = "waiting"
     TRAINING = "training"
     AVERAGING = "averaging"
+    PAUSED = "paused"
     FINISHED = "finished"
 
 
@@ -44,6 +48,7 @@ class RoundMachine:
     opened_at: float = 0.0
     reports: dict[str, Report] = field(default_factory=dict)
     group: tuple[str, ...] = ()
+    paused: bool = False  # an operator asked that no new round opens
 
     @property
     def _needed(self) -> int:
@@ -52,6 +57,8 @@ class RoundMachine:
 
     def tick(self, now: float, active: set[str]) -> Decision:
         """Advance on time and membership; says when to form the averaging group."""
+        if self.phase == Phase.PAUSED:
+            return Decision(False, f"paused by the operator; round {self.round} opens on resume")
         if self.phase == Phase.WAITING:
             if len(active) >= self._needed:
                 self.phase, self.opened_at = Phase.TRAINING, now
@@ -91,8 +98,33 @@ class RoundMachine:
         if self.max_rounds and self.round >= self.max_rounds:
             self.phase = Phase.FINISHED
             return f"round {finished} closed; run finished after {self.round} rounds"
+        if self.paused:
+            self.phase = Phase.PAUSED
+            return f"round {finished} closed; paused: round {self.round} opens on resume"
         if len(active) >= self._needed:
             self.phase, self.opened_at = Phase.TRAINING, now
             return f"round {finished} closed; round {self.round} opened with {len(active)} workers"
         self.phase = Phase.WAITING
         return f"round {finished} closed; waiting for workers to open round {self.round}"
+
+    def pause(self) -> tuple[bool, str]:
+        """No new round opens until `resume`; the round in flight (training or averaging) finishes."""
+        if self.phase == Phase.FINISHED:
+            return False, "the run is finished"
+        if self.paused:
+            return False, f"already paused (round {self.round} is {self.phase})"
+        self.paused = True
+        if self.phase == Phase.WAITING:
+            self.phase = Phase.PAUSED
+            return True, f"paused; round {self.round} opens on resume"
+        return True, f"pausing: round {self.round} finishes, round {self.round + 1} opens on resume"
+
+    def resume(self) -> tuple[bool, str]:
+        """Rounds open again: a paused round waits for workers as usual (the next tick opens it)."""
+        if not self.paused:
+            return False, "not paused"
+        self.paused = False
+        if self.phase == Phase.PAUSED:
+            self.phase = Phase.WAITING
+            return True, f"resumed; round {self.round} opens"
+        return True, f"resumed before round {self.round} finished; the run goes on without a pause"

@@ -1,5 +1,6 @@
-"""The coordinator process: starts the hivemind bootstrap peer, the replica, the core and the gRPC
-server, in that order, and shuts them down cleanly on SIGTERM/SIGINT."""
+"""The coordinator process: starts the hivemind bootstrap peer, the replica, the core, the gRPC server
+and the dashboard's HTTP server (same event loop), in that order, and shuts them down cleanly on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from antorcha.coordinator.core import CoordinatorCore
 from antorcha.coordinator.replica import CoordinatorReplica
 from antorcha.coordinator.service import CoordinatorService
 from antorcha.coordinator.store import RunStore
+from antorcha.dashboard.http import DashboardServer
 from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
     )
     torch.set_num_threads(settings.torch_threads)
     core = None
+    dashboard: DashboardServer | None = None
     server = grpc.aio.server(options=grpc_options(settings.max_message_bytes))
     try:
         replica = CoordinatorReplica(spec)
@@ -78,8 +81,21 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
             replica.num_parameters,
             backend.bootstrap_maddrs(),
         )
+        ready = {"address": address, "pid": os.getpid(), "http_address": ""}
+        if settings.http_port:
+            http_host = settings.http_host or settings.host
+            dashboard = DashboardServer(core, http_host, settings.http_port)
+            try:
+                http_port = await dashboard.start()
+            except OSError as e:
+                raise SystemExit(
+                    f"antorcha coordinator: cannot serve the dashboard on {http_host}:{settings.http_port} "
+                    f"({e.strerror or e}); set [coordinator] http_port to a free port, or 0 to turn it off"
+                ) from None
+            ready["http_address"] = f"{http_host}:{http_port}"
+            log.info("dashboard on http://%s/ (metrics at /metrics)", ready["http_address"])
         if ready_file is not None:
-            _write_atomic(ready_file, json.dumps({"address": address, "pid": os.getpid()}))
+            _write_atomic(ready_file, json.dumps(ready))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +107,8 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         with contextlib.suppress(asyncio.CancelledError):
             await ticks
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         await server.stop(grace=2)
         if core is not None:
             core.close()

@@ -1,21 +1,29 @@
 """The gRPC servicer: validates each request, translates it for `CoordinatorCore`, and maps errors to
 status codes with a message a person can act on. Every byte it moves is counted as control-plane
-traffic, except state downloads, which are counted apart."""
+traffic, except state downloads, which are counted apart. Every refusal is counted by reason
+(`antorcha_rejected_requests_total`) and shown among the dashboard's events.
+
+The operator RPCs (Pause, Resume, Evict) first ask `operator.authorize_operator`, the hook where
+operator tokens will be checked; GetRunStatus answers anyone who reaches the port.
+"""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 
 from antorcha import PROTOCOL_VERSION, __version__
-from antorcha.coordinator.core import CoordinatorCore
-from antorcha.coordinator.membership import UnknownWorkerError, WorkerState
-from antorcha.coordinator.rounds import Report
+from antorcha.coordinator.core import CoordinatorCore, RoundLog
+from antorcha.coordinator.membership import UnknownWorkerError, WorkerRecord, WorkerState
+from antorcha.coordinator.operator import authorize_operator
+from antorcha.coordinator.rounds import Phase, Report
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
 from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
 from antorcha.protocol import (
@@ -32,6 +40,9 @@ log = logging.getLogger(__name__)
 _MAX_NAME = 128
 _MAX_MADDRS = 16
 _MAX_TOKENS_PER_REPORT = 10**12
+_MAX_REASON = 500
+DEFAULT_ROUNDS_PAGE = 1000  # rounds in a GetRunStatus answer that does not ask for a page
+MAX_ROUNDS_PAGE = 10_000
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -40,15 +51,43 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.bootstrap_maddrs = bootstrap_maddrs
 
     def _count(self, request: object, response: object) -> None:
-        self.core.control_plane_bytes += request.ByteSize() + response.ByteSize()  # type: ignore[attr-defined]
+        received, sent = request.ByteSize(), response.ByteSize()  # type: ignore[attr-defined]
+        self.core.control_plane_bytes += received + sent
+        self.core.telemetry.control_bytes(sent, received)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        worker_id: str = "",
+    ) -> NoReturn:
+        """Count the refusal under `reason` (one of dashboard.metrics.REJECT_REASONS), then abort."""
+        self.core.telemetry.reject(reason, message, worker_id, self.core.rounds.round)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
 
     async def _active(self, worker_id: str, context: grpc.aio.ServicerContext) -> None:
+        evicted = self.core.operator.refusal(worker_id)
+        if evicted:
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "evicted", evicted, worker_id)
         try:
             self.core.members.get_active(worker_id)
         except UnknownWorkerError:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown or inactive worker {worker_id!r}; join again"
+            await self._refuse(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "unknown_worker",
+                f"unknown or inactive worker {worker_id!r}; join again",
+                worker_id,
             )
+
+    async def _operator(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        refused = authorize_operator(metadata)
+        if refused:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", refused)
 
     async def Discover(
         self, request: pb.DiscoverRequest, context: grpc.aio.ServicerContext
@@ -63,22 +102,39 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         if request.protocol_version != PROTOCOL_VERSION:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
+                "protocol_version",
                 f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
                 f"{PROTOCOL_VERSION} (antorcha {__version__}); upgrade the worker",
             )
         if len(request.name) > _MAX_NAME:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"name longer than {_MAX_NAME} characters")
+            await self._refuse(
+                context, invalid, "invalid_argument", f"name longer than {_MAX_NAME} characters"
+            )
         if not request.peer.peer_id or len(request.peer.maddrs) > _MAX_MADDRS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "peer info needs a peer_id and ≤16 maddrs")
+            await self._refuse(
+                context, invalid, "invalid_argument", "peer info needs a peer_id and ≤16 maddrs"
+            )
         if not request.peer.client_mode and not request.peer.maddrs:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "a peer that is not in client mode must announce maddrs"
+            await self._refuse(
+                context,
+                invalid,
+                "invalid_argument",
+                "a peer that is not in client mode must announce maddrs",
+            )
+        evicted = self.core.operator.refusal(request.worker_id) if request.worker_id else ""
+        if evicted:
+            await self._refuse(
+                context, grpc.StatusCode.PERMISSION_DENIED, "evicted", evicted, request.worker_id
             )
         if self.core.finished:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
+            await self._refuse(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "run_finished", "the run is finished"
+            )
         record, _ = self.core.join(
             name=request.name,
             peer=peer_from_pb(request.peer),
@@ -129,13 +185,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request: pb.ReportRoundRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportRoundResponse:
         await self._active(request.worker_id, context)
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         if not 0 < request.tokens <= _MAX_TOKENS_PER_REPORT:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"tokens must be in 1..{_MAX_TOKENS_PER_REPORT}"
+            await self._refuse(
+                context,
+                invalid,
+                "invalid_argument",
+                f"tokens must be in 1..{_MAX_TOKENS_PER_REPORT}",
+                request.worker_id,
             )
-        if math.isinf(request.train_loss) or request.compute_seconds < 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "train_loss must be finite (or NaN), seconds ≥ 0"
+        if math.isinf(request.train_loss) or not 0 <= request.compute_seconds < math.inf:
+            await self._refuse(
+                context,
+                invalid,
+                "invalid_argument",
+                "train_loss must be finite (or NaN), seconds ≥ 0",
+                request.worker_id,
             )
         report = Report(
             request.worker_id,
@@ -146,6 +211,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         wait_s = self.core.spec.round_deadline_s + 10
         outcome = await self.core.report(request.worker_id, request.round, report, wait_s)
+        if outcome.accepted:
+            self.core.telemetry.report(
+                request.worker_id, request.round, request.tokens, request.compute_seconds
+            )
+        else:
+            self.core.telemetry.reject(
+                "late_report", f"report of round {request.round}: {outcome.reason}", request.worker_id
+            )
         response = pb.ReportRoundResponse(
             accepted=outcome.accepted, reason=outcome.reason, next_round=outcome.next_round
         )
@@ -159,7 +232,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.CommitRoundResponse:
         await self._active(request.worker_id, context)
         if not request.checksum:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checksum is required")
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid_argument",
+                "checksum is required",
+                request.worker_id,
+            )
+        if math.isfinite(request.averaging_seconds) and request.averaging_seconds >= 0:
+            self.core.telemetry.commit(request.worker_id, request.round, request.averaging_seconds)
         try:
             outcome = await self.core.commit(
                 request.worker_id,
@@ -192,6 +273,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             round_full=outcome.lease is None,
             reason=outcome.reason,
             last=outcome.last,
+            wait=outcome.wait,
+            retry_after_seconds=1.0 if outcome.wait else 0.0,
         )
         if outcome.lease is not None:
             response.shard, response.epoch, response.steps = (
@@ -230,29 +313,91 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 checksum=checksum,
             )
             self.core.state_bytes += chunk.ByteSize()
+            self.core.telemetry.state_bytes(chunk.ByteSize())
             yield chunk
 
     async def GetRunStatus(
         self, request: pb.GetRunStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunStatus:
-        response = run_status(self.core)
+        since = request.rounds_since if request.HasField("rounds_since") else None
+        limit = request.rounds_limit if request.HasField("rounds_limit") else DEFAULT_ROUNDS_PAGE
+        response = run_status(self.core, rounds_since=since, rounds_limit=limit)
+        self._count(request, response)
+        return response
+
+    async def Pause(self, request: pb.PauseRequest, context: grpc.aio.ServicerContext) -> pb.OperatorResponse:
+        await self._operator(context)
+        changed, message = self.core.operator.pause(request.reason[:_MAX_REASON])
+        response = pb.OperatorResponse(changed=changed, message=message)
+        self._count(request, response)
+        return response
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OperatorResponse:
+        await self._operator(context)
+        changed, message = self.core.operator.resume()
+        self.core.tick(time.monotonic())  # open the round now rather than at the next tick
+        response = pb.OperatorResponse(changed=changed, message=message)
+        self._count(request, response)
+        return response
+
+    async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.OperatorResponse:
+        await self._operator(context)
+        if request.worker_id not in self.core.members.workers:
+            await self._refuse(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "unknown_worker",
+                f"no worker {request.worker_id!r} in run {self.core.spec.run_id!r}; "
+                "see `antorcha workers` for the ids",
+            )
+        changed, message = self.core.operator.evict(request.worker_id, request.reason[:_MAX_REASON])
+        self.core.tick(time.monotonic())  # a round that only waited for it can form its group now
+        response = pb.OperatorResponse(changed=changed, message=message)
         self._count(request, response)
         return response
 
 
-def run_status(core: CoordinatorCore) -> pb.RunStatus:
+def rounds_page(core: CoordinatorCore, since: int | None, limit: int) -> list[RoundLog]:
+    """A page of the round log: the oldest `limit` rounds ≥ `since`, or the newest `limit` rounds."""
+    history, limit = core.history, max(0, min(limit, MAX_ROUNDS_PAGE))
+    if limit == 0:
+        return []
+    if since is None:
+        return history[-limit:]
+    start = bisect.bisect_left(history, since, key=lambda h: h.round)  # the log is ordered by round
+    return history[start : start + limit]
+
+
+def _worker_state(core: CoordinatorCore, r: WorkerRecord) -> str:
+    if r.state != WorkerState.ACTIVE:
+        return str(r.state)
+    if core.rounds.phase in (Phase.WAITING, Phase.PAUSED):
+        return "waiting"
+    return "averaging" if r.worker_id in core.rounds.reports else "training"
+
+
+def run_status(
+    core: CoordinatorCore, rounds_since: int | None = None, rounds_limit: int = DEFAULT_ROUNDS_PAGE
+) -> pb.RunStatus:
+    """The run as an operator sees it, with a page of the round log (see GetRunStatusRequest)."""
     now = time.monotonic()
+    history = core.history
+    evaluated = next((h.eval_loss for h in reversed(history) if math.isfinite(h.eval_loss)), math.nan)
+    active = core.members.active()
+    tokens, data_plane_bytes, consistent = core.telemetry.history_totals(history)
     status = pb.RunStatus(
         run_id=core.spec.run_id,
         round=core.rounds.round,
         phase=str(core.rounds.phase),
         max_rounds=core.spec.max_rounds,
         initial_eval_loss=core.initial_eval_loss,
-        tokens=sum(h.tokens for h in core.history),
-        data_plane_bytes=sum(h.data_plane_bytes for h in core.history),
+        tokens=tokens,
+        data_plane_bytes=data_plane_bytes,
         state_bytes=core.state_bytes,
         control_plane_bytes=core.control_plane_bytes,
-        replicas_consistent=all(h.consistent for h in core.history),
+        replicas_consistent=consistent,
         joins=core.counters.joins,
         leaves=core.counters.leaves,
         crashes=core.counters.crashes,
@@ -261,23 +406,29 @@ def run_status(core: CoordinatorCore) -> pb.RunStatus:
         epoch=core.ledger.epoch,
         shards_trained=len(core.ledger.trained),
         num_data_shards=core.ledger.num_shards,
+        paused=core.rounds.paused,
+        rounds_total=len(history),
+        train_loss=history[-1].train_loss if history else math.nan,
+        eval_loss=evaluated,
+        tokens_per_second=sum(r.progress.tokens_per_second for r in active),
+        evictions=core.operator.evictions,
+        rejected_requests=core.telemetry.rejected,
     )
     for r in core.members.workers.values():
-        state = str(r.state)
-        if r.state == WorkerState.ACTIVE:
-            state = "averaging" if r.worker_id in core.rounds.reports else "training"
         status.workers.append(
             pb.WorkerStatus(
                 worker_id=r.worker_id,
                 name=r.name,
-                state=state,
+                state=_worker_state(core, r),
                 device=device_to_pb(r.device),
                 rounds_contributed=r.rounds_contributed,
                 seconds_since_heartbeat=now - r.last_seen,
                 progress=progress_to_pb(r.progress),
+                tokens=core.telemetry.worker_tokens.get(r.worker_id, 0),
+                detail=core.operator.evicted.get(r.worker_id, ""),
             )
         )
-    for h in core.history:
+    for h in rounds_page(core, rounds_since, rounds_limit):
         status.rounds.append(
             pb.RoundRecord(
                 round=h.round,

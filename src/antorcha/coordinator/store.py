@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT,
     round INTEGER, detail TEXT
 );
+CREATE TABLE IF NOT EXISTS round_workers (
+    round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL,
+    compute_seconds REAL NOT NULL, averaging_seconds REAL, PRIMARY KEY (round, worker_id)
+);
 """
 
 
@@ -172,6 +176,7 @@ class RunStore:
         with self.transaction():
             dropped = self.db.execute("DELETE FROM rounds WHERE round >= ?", (round_,)).rowcount
             self.db.execute("DELETE FROM trained_shards WHERE round >= ?", (round_,))
+            self.db.execute("DELETE FROM round_workers WHERE round >= ?", (round_,))
         return dropped
 
     # ---- data ledger ---------------------------------------------------------------------------
@@ -225,3 +230,25 @@ class RunStore:
 
     def event_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
+
+    def recent_events(self, limit: int) -> list[tuple[float, str, str, int | None, str]]:
+        """The newest `limit` events, oldest first: (unix time, kind, worker id, round, detail)."""
+        rows = self.db.execute(
+            "SELECT at, kind, worker_id, round, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [(at, kind, worker or "", round_, detail or "") for at, kind, worker, round_, detail in rows][
+            ::-1
+        ]
+
+    # ---- per-worker round timings (the dashboard's timeline) ------------------------------------
+
+    def save_round_workers(self, rows: list[tuple[int, str, int, float, float | None]]) -> None:
+        """(round, worker id, tokens, compute seconds, averaging seconds or None), replacing older rows."""
+        self.db.executemany("INSERT OR REPLACE INTO round_workers VALUES (?, ?, ?, ?, ?)", rows)
+
+    def load_round_workers(self, since_round: int) -> list[tuple[int, str, int, float, float | None]]:
+        return self.db.execute(
+            "SELECT round, worker_id, tokens, compute_seconds, averaging_seconds FROM round_workers "
+            "WHERE round >= ? ORDER BY round, worker_id",
+            (since_round,),
+        ).fetchall()

@@ -1,8 +1,9 @@
 """A coordinator and workers as real OS processes on 127.0.0.1, for the demo, tests and experiments.
 
 Each process runs in its own session (process group) so that stopping it also stops what it forked
-(hivemind's DHT process and its p2pd daemon). Ports are picked by the OS (port 0) and read back from
-a ready file, so parallel clusters never race for a port.
+(hivemind's DHT process and its p2pd daemon). The gRPC port is picked by the OS (port 0) and read back
+from a ready file, so parallel clusters never race for it. The dashboard's HTTP port and workers'
+metrics ports (where asked for) are free ports found just before the process starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,13 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (the OS's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> None:
@@ -55,10 +64,12 @@ class LocalCluster:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run = run or {}
-        self.coordinator_settings = {"port": 0, **(coordinator or {})}
+        # The dashboard's port is fixed for the cluster's life, so a restarted coordinator keeps its URL.
+        self.coordinator_settings = {"port": 0, "http_port": free_port(), **(coordinator or {})}
         self.worker_threads = worker_threads
         self.wrap = wrap
         self.address = ""
+        self.http_address = ""  # host:port of the dashboard and /metrics; empty when turned off
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._client: CoordinatorClient | None = None
@@ -100,7 +111,9 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"coordinator not ready after {timeout_s}s: {self.tail('coordinator')}")
             time.sleep(0.1)
-        self.address = worker_address or json.loads(ready.read_text())["address"]
+        announced = json.loads(ready.read_text())
+        self.address = worker_address or announced["address"]
+        self.http_address = announced.get("http_address", "")
         if self._client is not None:
             self._client.close()
         self._client = CoordinatorClient(status_address or self.address, timeout_s=10.0)
@@ -119,6 +132,10 @@ class LocalCluster:
         proc = self._spawn(name, ["worker", "--config", str(config)])
         self.workers[name] = proc
         return proc
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.http_address}/" if self.http_address else ""
 
     def status(self) -> pb.RunStatus:
         assert self._client is not None, "start the coordinator first"

@@ -1,8 +1,9 @@
 """The worker's side of the control plane: typed calls to the coordinator's gRPC service.
 
 Every call has a deadline. Transient failures (coordinator restarting, network blip) are retried
-with exponential backoff and jitter; refusals (bad version, unknown worker) raise at once with the
-coordinator's message.
+with exponential backoff and jitter, and raise `CoordinatorUnreachableError` once the call's patience
+is spent; refusals (bad version, unknown or evicted worker) raise `CoordinatorRefusedError` at once
+with the coordinator's message. `on_bytes(plane, sent, received)` is told the size of every message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from antorcha import PROTOCOL_VERSION, __version__
 from antorcha.averaging.base import AveragingGroup, PeerDescriptor
@@ -39,6 +41,10 @@ class CoordinatorRefusedError(RuntimeError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"coordinator refused ({code.name}): {message}")
         self.code = code
+
+
+class CoordinatorUnreachableError(ConnectionError):
+    """The coordinator did not answer for as long as the call was willing to wait."""
 
 
 class StateDownloadError(RuntimeError):
@@ -81,6 +87,8 @@ class DataLease:
     round_full: bool = False  # no shard: report what this round trained
     reason: str = ""
     last: bool = False  # report after this shard without asking for another
+    wait: bool = False  # the round is not open yet (paused, or waiting for workers): ask again later
+    retry_after_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,9 +104,14 @@ _INSTRUCTIONS = {pb.CONTINUE: "continue", pb.RESYNC: "resync", pb.STOP: "stop"}
 
 class CoordinatorClient:
     def __init__(
-        self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024
+        self,
+        address: str,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = 8 * 1024 * 1024,
+        on_bytes: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.address, self.timeout_s = address, timeout_s
+        self.on_bytes = on_bytes
         self.channel = grpc.insecure_channel(
             address,
             options=[
@@ -112,6 +125,10 @@ class CoordinatorClient:
     def close(self) -> None:
         self.channel.close()
 
+    def _count(self, request: Message, response: Message, plane: str = "control") -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(plane, request.ByteSize(), response.ByteSize())
+
     def _call(self, fn: Callable[[], T], what: str, patience_s: float) -> T:
         """Call, retrying transient failures with backoff until `patience_s` has passed."""
         deadline, delay = time.monotonic() + patience_s, 0.2
@@ -123,18 +140,30 @@ class CoordinatorClient:
                 if code not in _TRANSIENT:
                     raise CoordinatorRefusedError(code, e.details()) from None  # type: ignore[attr-defined]
                 if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, code.name, delay)
+                    raise CoordinatorUnreachableError(
+                        f"the coordinator at {self.address} did not answer {what} for {patience_s:.0f}s "
+                        f"({code.name}: {e.details()}); check the address, that the coordinator is "  # type: ignore[attr-defined]
+                        "running, and that its gRPC port is reachable from here"
+                    ) from None
+                log.warning(
+                    "%s: no answer from the coordinator at %s (%s); retrying in %.1fs",
+                    what,
+                    self.address,
+                    code.name,
+                    delay,
+                )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
 
     def discover(self, patience_s: float = 60.0) -> pb.DiscoverResponse:
         request = pb.DiscoverRequest(protocol_version=PROTOCOL_VERSION)
-        return self._call(
+        r = self._call(
             lambda: self.stub.Discover(request, timeout=self.timeout_s, wait_for_ready=True),
             "discover",
             patience_s,
         )
+        self._count(request, r)
+        return r
 
     def join(
         self, *, name: str, worker_id: str, device: DeviceInfo, peer: PeerDescriptor, token: str
@@ -151,6 +180,7 @@ class CoordinatorClient:
         r = self._call(
             lambda: self.stub.Join(request, timeout=self.timeout_s, wait_for_ready=True), "join", 120.0
         )
+        self._count(request, r)
         return JoinInfo(
             r.worker_id,
             r.run_id,
@@ -167,13 +197,15 @@ class CoordinatorClient:
         try:
             r = self.stub.Heartbeat(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            if e.code() not in _TRANSIENT:  # type: ignore[attr-defined]
                 raise CoordinatorRefusedError(e.code(), e.details()) from None  # type: ignore[attr-defined]
             raise
+        self._count(request, r)
         return _INSTRUCTIONS.get(r.instruction, "continue"), r.round, r.reason
 
     def leave(self, worker_id: str, reason: str) -> None:
-        self.stub.Leave(pb.LeaveRequest(worker_id=worker_id, reason=reason), timeout=5.0)
+        request = pb.LeaveRequest(worker_id=worker_id, reason=reason)
+        self._count(request, self.stub.Leave(request, timeout=5.0))
 
     def report_round(
         self,
@@ -195,6 +227,7 @@ class CoordinatorClient:
             compute_seconds=seconds,
         )
         r = self._call(lambda: self.stub.ReportRound(request, timeout=wait_s), "report", wait_s)
+        self._count(request, r)
         group = group_from_pb(r.group) if r.HasField("group") else None
         return GroupAnswer(r.accepted, r.reason, group, r.next_round)
 
@@ -218,15 +251,58 @@ class CoordinatorClient:
             failed_spans=failed_spans,
         )
         r = self._call(lambda: self.stub.CommitRound(request, timeout=wait_s), "commit", wait_s)
+        self._count(request, r)
         return CommitAnswer(_INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round)
 
     def lease_data(self, worker_id: str, round_: int, index: int = 0) -> DataLease:
         request = pb.LeaseDataRequest(worker_id=worker_id, round=round_, index=index)
         r = self._call(lambda: self.stub.LeaseData(request, timeout=self.timeout_s), "lease", 120.0)
-        return DataLease(r.shard, r.num_shards, r.epoch, r.steps, r.round_full, r.reason, r.last)
+        self._count(request, r)
+        return DataLease(
+            r.shard,
+            r.num_shards,
+            r.epoch,
+            r.steps,
+            r.round_full,
+            r.reason,
+            r.last,
+            r.wait,
+            r.retry_after_seconds,
+        )
 
-    def run_status(self, timeout_s: float | None = None) -> pb.RunStatus:
-        return self.stub.GetRunStatus(pb.GetRunStatusRequest(), timeout=timeout_s or self.timeout_s)
+    def run_status(
+        self, timeout_s: float | None = None, rounds_since: int | None = None, rounds_limit: int | None = None
+    ) -> pb.RunStatus:
+        """The run's status with a page of its round log: the newest `rounds_limit` rounds (the server's
+        default page, 1000, when None), or the oldest ones from `rounds_since`."""
+        request = pb.GetRunStatusRequest()
+        if rounds_since is not None:
+            request.rounds_since = rounds_since
+        if rounds_limit is not None:
+            request.rounds_limit = rounds_limit
+        return self.stub.GetRunStatus(request, timeout=timeout_s or self.timeout_s)
+
+    # ---- operator RPCs (the auth issue adds an operator token to their metadata) --------------
+
+    def pause(self, reason: str = "") -> pb.OperatorResponse:
+        return self._operator(self.stub.Pause, pb.PauseRequest(reason=reason))
+
+    def resume(self) -> pb.OperatorResponse:
+        return self._operator(self.stub.Resume, pb.ResumeRequest())
+
+    def evict(self, worker_id: str, reason: str = "") -> pb.OperatorResponse:
+        return self._operator(self.stub.Evict, pb.EvictRequest(worker_id=worker_id, reason=reason))
+
+    def _operator(self, method: Callable[..., pb.OperatorResponse], request: Message) -> pb.OperatorResponse:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            if code in _TRANSIENT:
+                raise CoordinatorUnreachableError(
+                    f"the coordinator at {self.address} did not answer ({code.name}: {e.details()})"  # type: ignore[attr-defined]
+                ) from None
+            raise CoordinatorRefusedError(code, e.details()) from None  # type: ignore[attr-defined]
 
     def get_state(
         self,
@@ -259,6 +335,8 @@ class CoordinatorClient:
                         raise StateDownloadError(f"chunk at offset {chunk.offset} is corrupt")
                     buf.extend(chunk.data)
                     wire += chunk.ByteSize()
+                    if self.on_bytes is not None:
+                        self.on_bytes("state", 0, chunk.ByteSize())
                     if cut_after_bytes is not None and len(buf) >= cut_after_bytes:
                         cut_after_bytes = None
                         raise StateDownloadError(f"connection cut after {len(buf)} bytes (fault plan)")

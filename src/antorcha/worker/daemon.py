@@ -43,8 +43,10 @@ from antorcha.protocol import Progress
 from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, DataLease, JoinInfo
 from antorcha.worker.device import describe, pick_device
 from antorcha.worker.faults import FaultPlan
+from antorcha.worker.observe import WorkerObserver
 
 log = logging.getLogger(__name__)
+RUN_ENDS = "the run ends"  # how the coordinator words a lease refused because the run is over
 
 
 @dataclass(frozen=True)
@@ -76,22 +78,49 @@ class Heartbeat(threading.Thread):
         self.progress = Progress()
         self.stop_requested = threading.Event()
         self.lost_lease = threading.Event()
+        self.refusal: CoordinatorRefusedError | None = None  # evicted: the worker must exit
         self._halt = threading.Event()
+        self._unreachable_since: float | None = None
 
     def run(self) -> None:
         while not self._halt.wait(self.interval_s):
             try:
                 instruction, _, reason = self.client.heartbeat(self.worker_id, self.progress)
             except CoordinatorRefusedError as e:
+                if e.code == grpc.StatusCode.PERMISSION_DENIED:
+                    log.error("%s", e)
+                    self.refusal = e
+                    self.stop_requested.set()
+                    return
                 log.warning("heartbeat refused: %s", e)
                 self.lost_lease.set()
                 continue
             except Exception as e:  # the coordinator may be restarting; the lease tells who is gone
-                log.warning("heartbeat failed: %s", e)
+                self._unreachable(e)
                 continue
+            if self._unreachable_since is not None:
+                log.warning(
+                    "the coordinator answers again after %.0fs", time.monotonic() - self._unreachable_since
+                )
+                self._unreachable_since = None
             if instruction == "stop":
                 log.info("coordinator says stop: %s", reason)
                 self.stop_requested.set()
+
+    def _unreachable(self, error: Exception) -> None:
+        """Say so once, then every 30 s: a worker cut off from its coordinator keeps training."""
+        now = time.monotonic()
+        since = self._unreachable_since
+        if since is None:
+            self._unreachable_since = now
+            log.warning(
+                "cannot reach the coordinator at %s (%s); training goes on, retrying every %.0fs",
+                self.client.address,
+                getattr(error, "code", lambda: error)(),
+                self.interval_s,
+            )
+        elif int((now - since) / 30) != int((now - since - self.interval_s) / 30):
+            log.warning("the coordinator has not answered for %.0fs; still retrying", now - since)
 
     def halt(self) -> None:
         self._halt.set()
@@ -102,6 +131,7 @@ class Worker:
         self.settings = settings
         self.stop_signal = threading.Event()
         self.history: list[RoundSummary] = []
+        self.observer = WorkerObserver(settings)  # progress display and metrics
 
     def _identity_path(self) -> Path | None:
         path = self.settings.identity_file
@@ -122,10 +152,15 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_signal.set())
         s = self.settings
+        log.info("connecting to the coordinator at %s", s.coordinator)
         # Discover the bootstrap peers on a short-lived channel, then start hivemind (which forks).
-        probe = CoordinatorClient(s.coordinator, s.rpc_timeout_s)
-        discovered = probe.discover()
-        probe.close()
+        probe = CoordinatorClient(
+            s.coordinator, min(s.rpc_timeout_s, s.connect_timeout_s), on_bytes=self.observer.bytes
+        )
+        try:
+            discovered = probe.discover(patience_s=s.connect_timeout_s)
+        finally:
+            probe.close()
         backend = HivemindBackend(
             initial_peers=list(discovered.bootstrap_maddrs),
             host_maddrs=s.p2p_host_maddrs,
@@ -135,13 +170,15 @@ class Worker:
         )
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        client = CoordinatorClient(s.coordinator, s.rpc_timeout_s)
+        client = CoordinatorClient(s.coordinator, s.rpc_timeout_s, on_bytes=self.observer.bytes)
         try:
+            self.observer.start()  # after hivemind forked: its processes must not inherit the metrics socket
             session = TrainingSession(self, client, backend, pick_device(s.device))
             return session.run()
         finally:
             client.close()
             backend.close()
+            self.observer.close()
 
 
 class TrainingSession:
@@ -180,6 +217,7 @@ class TrainingSession:
         self.first_step_at: float | None = None
         self.last_commit_at: float | None = None
         self.round = self.state.round  # the round being trained; with overlap, one ahead of θ
+        self.last_refusal = ""  # why the coordinator last refused us a shard
         self.round_start = self.state.params.clone()  # where this round's local training started
 
     def _join(self, worker_id: str) -> JoinInfo:
@@ -239,6 +277,10 @@ class TrainingSession:
     def _stopping(self) -> bool:
         return self.worker.stop_signal.is_set() or self.heartbeat.stop_requested.is_set()
 
+    def _must_stop_now(self) -> bool:
+        """SIGTERM, or evicted: stop between inner steps (a finished run ends at the round boundary)."""
+        return self.worker.stop_signal.is_set() or self.heartbeat.refusal is not None
+
     def run(self) -> int:
         try:
             while not self._stopping:
@@ -250,6 +292,10 @@ class TrainingSession:
                     if self._round() == "stop":
                         break
                 except CoordinatorRefusedError as e:
+                    if e.code == grpc.StatusCode.PERMISSION_DENIED:  # evicted: exit, without a goodbye
+                        self.heartbeat.refusal = e
+                        self.heartbeat.stop_requested.set()
+                        break
                     if e.code != grpc.StatusCode.NOT_FOUND:
                         raise
                     log.warning("the coordinator no longer knows this worker (%s); rejoining", e)
@@ -260,6 +306,8 @@ class TrainingSession:
             self.heartbeat.halt()
             self._leave()
             self._write_summary()
+        if self.heartbeat.refusal is not None:
+            raise self.heartbeat.refusal
         return 0
 
     def _leave(self) -> None:
@@ -310,10 +358,17 @@ class TrainingSession:
         seconds = loss_sum = 0.0
         slowdown = self.worker.settings.slowdown
         index = 0
+        observer = self.worker.observer
         while not self.worker.stop_signal.is_set():
             lease = self.client.lease_data(self.worker_id, round_, index)
+            if lease.wait:  # paused by the operator, or too few workers to open the round
+                observer.waiting(round_, lease.reason)
+                if self.worker.stop_signal.wait(lease.retry_after_s or 1.0):
+                    break
+                continue
             if lease.round_full:
                 log.debug("round=%d no more shards after %d: %s", round_, index, lease.reason)
+                self.last_refusal = lease.reason
                 break
             reader = self._reader_for(lease)
             log.info(
@@ -334,9 +389,17 @@ class TrainingSession:
                 loss: float,
                 done_before: int = done_before,
                 tokens_before: int = tokens_before,
+                lease: DataLease = lease,
             ) -> None:
                 at, seen = done_before + step, tokens_before + shard_tokens
-                self.heartbeat.progress = Progress(round_, at, seen, loss, 0.0)
+                # Steps to the next sync: this shard's rest, or about H in all when more shards follow.
+                left = lease.steps - step
+                if not lease.last:
+                    left = max(left, self.spec.inner_steps - at)
+                step_tokens = self.spec.tokens_per_step
+                step_s = self.trainer.last_step_seconds * slowdown  # what the emulated device takes
+                rate = observer.step(round_, at, loss, step_s, step_tokens, left)
+                self.heartbeat.progress = Progress(round_, at, seen, loss, rate)
                 self.faults.fire(round_, "train", at)
                 if slowdown > 1:  # emulate a slower GPU: idle for the extra share of this step's time
                     time.sleep(self.trainer.last_step_seconds * (slowdown - 1))
@@ -344,7 +407,7 @@ class TrainingSession:
             if self.first_step_at is None:
                 self.first_step_at = time.monotonic()
             started = time.monotonic()
-            stats = self.trainer.run(lease.steps, on_step, should_stop=self.worker.stop_signal.is_set)
+            stats = self.trainer.run(lease.steps, on_step, should_stop=self._must_stop_now)
             # Compute time includes the emulated slowdown: it stands for a slower device's step time.
             self.compute_seconds += time.monotonic() - started
             steps, tokens = steps + stats.steps, tokens + stats.tokens
@@ -362,8 +425,10 @@ class TrainingSession:
         and commit; returns "continue", "resync" or "stop"."""
         spec, round_ = self.spec, self.round
         stats = self._train(round_)
-        if self.worker.stop_signal.is_set():
+        if self._must_stop_now():
             return "stop"
+        if stats.steps == 0:
+            return self._nothing_trained(round_)
         rate = stats.tokens / max(stats.seconds, 1e-9)
         self.heartbeat.progress = Progress(round_, stats.steps, stats.tokens, stats.mean_loss, rate)
         try:
@@ -415,10 +480,27 @@ class TrainingSession:
             self._restart_from_global()
         return instruction
 
+    def _nothing_trained(self, round_: int) -> str:
+        """The coordinator gave no shard of `round_` (it ends the run, or the round is averaging or
+        closed without us): finish what is pending, then catch up instead of reporting an empty round."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            instruction = self._finish(pending)
+            if instruction != "continue":
+                return instruction
+        if self.last_refusal.startswith(RUN_ENDS):
+            return "stop"
+        log.info("round=%d not open to us (%s); syncing to the newest state", round_, self.last_refusal)
+        if self.worker.stop_signal.wait(1.0):
+            return "stop"
+        self._resync(0)
+        return "resync"
+
     def _finish(self, pending: PendingAverage) -> str:
         """Wait for a round's all-reduce, apply the outer step to the global θ, commit its checksum."""
         spec, round_ = self.spec, pending.round
         result = pending.future.result()
+        averaged_at = time.monotonic()
         if self.spec.error_feedback and result.sent is not None and pending.stats.tokens:
             self.residual = pending.outgoing - result.sent
         self.outer.step(self.state.params, result.average)
@@ -435,6 +517,8 @@ class TrainingSession:
             wait_s=2 * spec.allreduce_timeout_s + 60,
         )
         self.last_commit_at = time.monotonic()
+        outer_seconds = result.seconds + self.last_commit_at - averaged_at
+        self.worker.observer.round_done(round_, result, outer_seconds, self.utilisation)
         stats = pending.stats
         self.worker.history.append(
             RoundSummary(

@@ -237,7 +237,7 @@ class LeaseDataRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class LeaseDataResponse(_message.Message):
-    __slots__ = ("shard", "num_shards", "epoch", "steps", "round_full", "reason", "last")
+    __slots__ = ("shard", "num_shards", "epoch", "steps", "round_full", "reason", "last", "wait", "retry_after_seconds")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,8 @@ class LeaseDataResponse(_message.Message):
     ROUND_FULL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     num_shards: int
     epoch: int
@@ -252,7 +254,9 @@ class LeaseDataResponse(_message.Message):
     round_full: bool
     reason: str
     last: bool
-    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ..., steps: _Optional[int] = ..., round_full: _Optional[bool] = ..., reason: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+    wait: bool
+    retry_after_seconds: float
+    def __init__(self, shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., epoch: _Optional[int] = ..., steps: _Optional[int] = ..., round_full: _Optional[bool] = ..., reason: _Optional[str] = ..., last: _Optional[bool] = ..., wait: _Optional[bool] = ..., retry_after_seconds: _Optional[float] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("worker_id", "min_round", "offset")
@@ -283,11 +287,15 @@ class StateChunk(_message.Message):
     def __init__(self, round: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_sha256: _Optional[str] = ..., total_bytes: _Optional[int] = ..., state_sha256: _Optional[str] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class GetRunStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("rounds_since", "rounds_limit")
+    ROUNDS_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    rounds_since: int
+    rounds_limit: int
+    def __init__(self, rounds_since: _Optional[int] = ..., rounds_limit: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "name", "state", "device", "rounds_contributed", "seconds_since_heartbeat", "progress")
+    __slots__ = ("worker_id", "name", "state", "device", "rounds_contributed", "seconds_since_heartbeat", "progress", "tokens", "detail")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +303,8 @@ class WorkerStatus(_message.Message):
     ROUNDS_CONTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     name: str
     state: str
@@ -302,7 +312,9 @@ class WorkerStatus(_message.Message):
     rounds_contributed: int
     seconds_since_heartbeat: float
     progress: Progress
-    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., rounds_contributed: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    tokens: int
+    detail: str
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., rounds_contributed: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., tokens: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
     __slots__ = ("round", "workers", "tokens", "train_loss", "eval_loss", "data_plane_bytes", "seconds", "replicas_consistent", "checksum")
@@ -327,7 +339,7 @@ class RoundRecord(_message.Message):
     def __init__(self, round: _Optional[int] = ..., workers: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., data_plane_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., replicas_consistent: _Optional[bool] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("run_id", "round", "phase", "max_rounds", "workers", "rounds", "initial_eval_loss", "tokens", "data_plane_bytes", "state_bytes", "control_plane_bytes", "replicas_consistent", "joins", "leaves", "crashes", "resyncs", "epoch", "shards_trained", "num_data_shards", "restarts")
+    __slots__ = ("run_id", "round", "phase", "max_rounds", "workers", "rounds", "initial_eval_loss", "tokens", "data_plane_bytes", "state_bytes", "control_plane_bytes", "replicas_consistent", "joins", "leaves", "crashes", "resyncs", "epoch", "shards_trained", "num_data_shards", "restarts", "paused", "rounds_total", "train_loss", "eval_loss", "tokens_per_second", "evictions", "rejected_requests")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +360,13 @@ class RunStatus(_message.Message):
     SHARDS_TRAINED_FIELD_NUMBER: _ClassVar[int]
     NUM_DATA_SHARDS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     phase: str
@@ -368,4 +387,37 @@ class RunStatus(_message.Message):
     shards_trained: int
     num_data_shards: int
     restarts: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., phase: _Optional[str] = ..., max_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., initial_eval_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., data_plane_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., control_plane_bytes: _Optional[int] = ..., replicas_consistent: _Optional[bool] = ..., joins: _Optional[int] = ..., leaves: _Optional[int] = ..., crashes: _Optional[int] = ..., resyncs: _Optional[int] = ..., epoch: _Optional[int] = ..., shards_trained: _Optional[int] = ..., num_data_shards: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+    paused: bool
+    rounds_total: int
+    train_loss: float
+    eval_loss: float
+    tokens_per_second: float
+    evictions: int
+    rejected_requests: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., phase: _Optional[str] = ..., max_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., initial_eval_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., data_plane_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., control_plane_bytes: _Optional[int] = ..., replicas_consistent: _Optional[bool] = ..., joins: _Optional[int] = ..., leaves: _Optional[int] = ..., crashes: _Optional[int] = ..., resyncs: _Optional[int] = ..., epoch: _Optional[int] = ..., shards_trained: _Optional[int] = ..., num_data_shards: _Optional[int] = ..., restarts: _Optional[int] = ..., paused: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., evictions: _Optional[int] = ..., rejected_requests: _Optional[int] = ...) -> None: ...
+
+class PauseRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("worker_id", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OperatorResponse(_message.Message):
+    __slots__ = ("changed", "message")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    message: str
+    def __init__(self, changed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,21 @@ class CoordinatorStub:
                 request_serializer=antorcha_dot_v1_dot_coordinator__pb2.GetRunStatusRequest.SerializeToString,
                 response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.RunStatus.FromString,
                 _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/antorcha.v1.Coordinator/Pause',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.PauseRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/antorcha.v1.Coordinator/Resume',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+                _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/antorcha.v1.Coordinator/Evict',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -148,7 +163,34 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRunStatus(self, request, context):
-        """The run as an operator sees it: round, workers, losses, bytes.
+        """The run as an operator sees it: round, workers, losses, bytes, and a page of the round log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Operator RPCs. No authentication yet: a later protocol step requires an operator token in the
+        call's metadata (the coordinator's hook for it is antorcha.coordinator.operator).
+
+        Stop opening rounds: the round in flight finishes (trains, averages, commits), the next one does
+        not open; workers asking for data are told to wait. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Open rounds again after a pause. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Remove a worker from the run for good: its lease and data shards are released, and every call it
+        makes afterwards (heartbeats included, and Join with its id) is refused with PERMISSION_DENIED and
+        the reason, which makes the worker exit. Kept across coordinator restarts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +243,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetRunStatus,
                     request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.GetRunStatusRequest.FromString,
                     response_serializer=antorcha_dot_v1_dot_coordinator__pb2.RunStatus.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.PauseRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.ResumeRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +503,87 @@ class Coordinator:
             '/antorcha.v1.Coordinator/GetRunStatus',
             antorcha_dot_v1_dot_coordinator__pb2.GetRunStatusRequest.SerializeToString,
             antorcha_dot_v1_dot_coordinator__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/Pause',
+            antorcha_dot_v1_dot_coordinator__pb2.PauseRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/Resume',
+            antorcha_dot_v1_dot_coordinator__pb2.ResumeRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/Evict',
+            antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
             options,
             channel_credentials,
             insecure,
