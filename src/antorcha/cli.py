@@ -1,5 +1,6 @@
-"""The `antorcha` command: coordinator, worker, demo; and the operator's status, workers, evict,
-pause and resume, which talk to a coordinator's gRPC port.
+"""The `antorcha` command: coordinator, worker, demo; the operator's status, workers, evict, pause and
+resume, which talk to a coordinator's gRPC port (with an operator token when its auth is on); and
+`token` and `tls` for credentials.
 
 Exit codes: 0 done; 1 an unexpected error; 2 a bad config or argument; 3 the coordinator refused
 (e.g. a protocol version mismatch, or this worker was evicted); 4 the coordinator could not be
@@ -19,6 +20,8 @@ import grpc
 
 from antorcha.config import ConfigError, CoordinatorConfig, WorkerConfig, load_config
 from antorcha.logs import setup_logging
+from antorcha.run_commands import add_run_parsers
+from antorcha.security.commands import add_connection_options, add_security_parsers
 
 
 def _coordinator(args: argparse.Namespace) -> int:
@@ -54,17 +57,28 @@ def _demo(args: argparse.Namespace) -> int:
 
     rounds = args.rounds if args.rounds is not None else (8 if args.churn else 6)
     workdir = Path(args.workdir) if args.workdir else None
-    return run_demo(args.workers, rounds, args.json, workdir, churn=args.churn)
+    return run_demo(args.workers, rounds, args.json, workdir, churn=args.churn, secure=args.secure)
 
 
-def _fetch_status(address: str, rounds: int) -> dict[str, Any]:
+def _operator_client(args: argparse.Namespace) -> Any:
+    from antorcha.worker.client import CoordinatorClient
+
+    return CoordinatorClient(
+        args.coordinator, timeout_s=10, tls=args.tls, tls_ca_file=args.tls_ca, operator_token=args.token
+    )
+
+
+def _fetch_status(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
     from antorcha.dashboard.api import status_document
-    from antorcha.worker.client import CoordinatorClient, CoordinatorUnreachableError
+    from antorcha.worker.client import CoordinatorRefusedError, CoordinatorUnreachableError
 
-    client = CoordinatorClient(address, timeout_s=10)
+    address = args.coordinator
+    client = _operator_client(args)
     try:
         return status_document(client.run_status(rounds_limit=rounds))
     except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):  # type: ignore[attr-defined]
+            raise CoordinatorRefusedError(e.code(), e.details()) from None  # type: ignore[attr-defined]
         raise CoordinatorUnreachableError(
             f"the coordinator at {address} did not answer ({e.code().name}: {e.details()})"  # type: ignore[attr-defined]
         ) from None
@@ -77,7 +91,7 @@ def _loss(x: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    doc = _fetch_status(args.coordinator, args.rounds)
+    doc = _fetch_status(args, args.rounds)
     if args.json:  # the same document as the dashboard's /api/status (plus the newest rounds)
         print(json.dumps(doc))
         return 0
@@ -117,7 +131,7 @@ def _print_workers(workers: list[dict[str, Any]]) -> None:
 
 
 def _workers(args: argparse.Namespace) -> int:
-    doc = _fetch_status(args.coordinator, 0)
+    doc = _fetch_status(args, 0)
     if args.json:
         print(json.dumps({"round": doc["round"], "workers": doc["workers"]}))
         return 0
@@ -125,10 +139,27 @@ def _workers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator(args: argparse.Namespace) -> int:
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the coordinator answers Discover (needs no token: fit for container health checks)."""
     from antorcha.worker.client import CoordinatorClient
 
-    client = CoordinatorClient(args.coordinator, timeout_s=10)
+    client = CoordinatorClient(
+        args.coordinator, timeout_s=args.timeout, tls=args.tls, tls_ca_file=args.tls_ca
+    )
+    try:
+        found = client.discover(patience_s=args.timeout)
+    finally:
+        client.close()
+    state = "training" if found.run_active else "idle"
+    print(
+        f"ok: run {found.run_id} ({state}), protocol {found.protocol_version}, "
+        f"antorcha {found.software_version}"
+    )
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    client = _operator_client(args)
     try:
         if args.command == "pause":
             answer = client.pause(args.reason)
@@ -167,34 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="rounds to train (default 6; 8 with --churn)")
     p.add_argument("--churn", action="store_true", help="workers join, leave and crash during the run")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument(
+        "--secure", action="store_true", help="TLS (self-signed) and join tokens on, as across machines"
+    )
     p.add_argument("--workdir", help="where logs and configs go (default: a new temp folder)")
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("status", help="show a coordinator's run status")
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    add_connection_options(p)
     p.add_argument("--json", action="store_true", help="print the dashboard's /api/status document")
     p.add_argument("--rounds", type=int, default=5, help="also show the newest N rounds (default 5)")
     p.set_defaults(fn=_status)
 
     p = sub.add_parser("workers", help="list a coordinator's workers")
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    add_connection_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_workers)
 
     p = sub.add_parser("evict", help="remove a worker from the run for good (it may not rejoin)")
     p.add_argument("worker", help="worker id (see `antorcha workers`)")
     p.add_argument("--reason", default="", help="told to the worker and kept in the events")
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    add_connection_options(p)
     p.set_defaults(fn=_operator)
 
     p = sub.add_parser("pause", help="open no new round until resume (the round in flight finishes)")
     p.add_argument("--reason", default="", help="kept in the events")
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    add_connection_options(p)
     p.set_defaults(fn=_operator)
 
     p = sub.add_parser("resume", help="open rounds again after a pause")
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="host:port of its gRPC server")
+    add_connection_options(p)
     p.set_defaults(fn=_operator)
+
+    p = sub.add_parser("health", help="exit 0 if the coordinator answers (no token needed)")
+    add_connection_options(p)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    p.set_defaults(fn=_health)
+
+    add_security_parsers(sub)
+    add_run_parsers(sub, add_connection_options)
+
+    from antorcha.experiments.command import add_experiment_parser  # its heavy imports stay in handlers
+
+    add_experiment_parser(sub)
     return parser
 
 

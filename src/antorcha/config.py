@@ -13,12 +13,23 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from antorcha.netem.links import parse_link
 
 Codec = Literal["none", "fp16", "bf16", "int8", "int4"]
 RoundMode = Literal["token_budget", "fixed_steps"]
+Aggregation = Literal["mean", "centered_clip", "trimmed_mean"]
+DataSourceKind = Literal["builtin", "text", "jsonl", "parquet", "hf"]
+Precision = Literal["auto", "fp32", "bf16"]
 ENV_PREFIX = "ANTORCHA_"
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -31,11 +42,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DataSpec(_Strict):
+    """Where a run's text comes from. Every process of the run reads it the same way and gets the
+    same tokens (see antorcha.data.source), so only plain JSON values live here."""
+
+    source: DataSourceKind = Field(
+        "builtin",
+        description="builtin: the offline Python standard library corpus; text, jsonl, parquet: local "
+        "files listed in `paths`; hf: a Hugging Face `datasets` dataset (pip install antorcha[hf]).",
+    )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Local files (glob patterns allowed, expanded in sorted order) for text/jsonl/parquet; "
+        "for hf, the `data_files` given to datasets.load_dataset.",
+    )
+    text_field: str = Field("text", description="Field (JSONL) or column (Parquet, hf) holding the text.")
+    eval_fraction: float = Field(
+        0.02, gt=0, lt=1, description="Share of documents held out for evaluation (chosen by a stable hash)."
+    )
+    max_documents: int = Field(0, ge=0, description="Use only the first N documents; 0 = all of them.")
+    max_tokens: int = Field(
+        0, ge=0, description="Stop reading once this many tokens are collected; 0 = no limit."
+    )
+    hf_name: str = Field(
+        "", description="hf: a Hub dataset name, a local dataset path or a builder (json, parquet, text)."
+    )
+    hf_config: str = Field("", description="hf: dataset configuration name; empty = the default.")
+    hf_split: str = Field("train", description="hf: split to read.")
+    hf_revision: str = Field(
+        "", description="hf: dataset revision (a commit); pin it so every process reads the same data."
+    )
+    hf_streaming: bool = Field(
+        True, description="hf: stream the first documents instead of downloading the whole dataset."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSpec:
+        if self.source in ("text", "jsonl", "parquet") and not self.paths:
+            raise ValueError(f"data.source {self.source!r} needs data.paths")
+        if self.source == "builtin" and self.paths:
+            raise ValueError("data.paths is only read for text, jsonl, parquet and hf sources")
+        if self.source == "hf":
+            if not self.hf_name:
+                raise ValueError("data.source 'hf' needs data.hf_name (a dataset name, path or builder)")
+            if self.hf_streaming and not (self.max_documents or self.max_tokens):
+                # A stream may be endless; a bound is also what makes "the first N documents" a fixed set.
+                raise ValueError("a streamed hf dataset needs data.max_documents or data.max_tokens")
+        return self
+
+
 class RunSpec(_Strict):
     """What is trained and how: identical for every worker of a run (sent to them at Join)."""
 
     run_id: str = Field("demo", description="Name of the run; checkpoints and metrics carry it.")
     model_size: str = Field("nano", description="Built-in model preset (see antorcha.model.MODEL_SIZES).")
+    hf_model: str = Field(
+        "",
+        description="Train a Hugging Face causal LM instead of the built-in model: a local directory with "
+        "config.json or a Hub model id (its config only; weights start from `seed`); needs antorcha[hf].",
+    )
+    hf_model_config: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Hugging Face config values on top of `hf_model`'s; with `model_type` (e.g. llama) and "
+        "no hf_model, the whole config. vocab_size defaults to the tokenizer's.",
+    )
+    tokenizer: str = Field(
+        "bytes",
+        description="bytes (256 symbols, no download) or a Hugging Face tokenizer: a local directory or a "
+        "Hub name. The model's vocabulary follows it.",
+    )
+    data: DataSpec = Field(default_factory=DataSpec, description="Where the training and eval text is read.")
     seq_len: int = Field(128, ge=8, le=65536, description="Tokens per training sequence.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per inner step on each worker.")
     inner_steps: int = Field(
@@ -100,6 +176,50 @@ class RunSpec(_Strict):
     )
     corpus_max_bytes: int = Field(8_000_000, ge=100_000, description="Bytes of the offline corpus to use.")
     seed: int = Field(0, description="Seed of the initial parameters and data order.")
+    # Trust: pseudo-gradient hygiene, robust aggregation and spot checks (issue 6). Defaults keep the
+    # plain token-weighted mean and no checks beyond NaN/shape refusals and lease-bounded token claims.
+    aggregation: Aggregation = Field(
+        "mean",
+        description="How each reducer combines the contributions of its span: mean (token-weighted), "
+        "centered_clip (around the coordinate-wise median; bounds any one sender's pull) or trimmed_mean.",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: share of senders dropped at each end, per coordinate."
+    )
+    clip_iterations: int = Field(3, ge=1, le=20, description="centered_clip: clipping iterations.")
+    norm_outlier_k: float = Field(
+        0.0,
+        ge=0,
+        description="Leave out a pseudo-gradient whose norm is above k x the median (declared at report, "
+        "measured per chunk by every reducer); 0 = off. Must be above 1 when on.",
+    )
+    claim_rate_slack: float = Field(
+        2.0,
+        ge=1,
+        description="A token claim may exceed the worker's measured throughput x its round's wall time "
+        "by this factor (claims are always bounded by the tokens of the shards it leased).",
+    )
+    verify_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of rounds whose pseudo-gradients the coordinator spot-checks against the data "
+        "it assigned (it reduces the whole vector on those rounds); 0 = off.",
+    )
+    verify_fail_limit: int = Field(
+        3, ge=1, description="Evict a worker failing this many of its last 2x this many spot checks."
+    )
+    verify_batches: int = Field(
+        2, ge=1, le=64, description="Batches of assigned and of control data evaluated per spot check."
+    )
+
+    @field_validator("norm_outlier_k")
+    @classmethod
+    def _k_above_one(cls, value: float) -> float:
+        # At k ≤ 1 the median worker itself would be an outlier: half the group could be left out.
+        if 0 < value <= 1:
+            raise ValueError("norm_outlier_k must be 0 (off) or above 1")
+        return value
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
@@ -146,6 +266,44 @@ class CoordinatorSettings(_Strict):
         description="Address the dashboard binds to; empty = the gRPC `host`. It has no login: keep it "
         "on a private address or behind a proxy that authenticates.",
     )
+    auth: Literal["auto", "tokens", "off"] = Field(
+        "auto",
+        description="Require join tokens and signed sessions: 'tokens' always, 'off' never, 'auto' when "
+        "`host` is not a loopback address.",
+    )
+    tokens_file: str = Field(
+        "", description="SQLite file of tokens and sessions; empty = tokens.sqlite in `data_dir`."
+    )
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="A worker's session ends this long after its last heartbeat."
+    )
+    max_clock_skew_s: float = Field(
+        120.0, gt=0, description="Signed requests whose time stamp is further off than this are refused."
+    )
+    tls_cert_file: str = Field("", description="PEM certificate (chain) for gRPC over TLS; empty = no TLS.")
+    tls_key_file: str = Field("", description="PEM private key of `tls_cert_file`.")
+    allow_plaintext: bool = Field(
+        False, description="Serve gRPC without TLS on a non-loopback address (only on a trusted network)."
+    )
+    join_rate_per_s: float = Field(2.0, gt=0, description="Join calls per second allowed per client address.")
+    join_burst: int = Field(20, ge=1, description="Join calls a client address may make at once.")
+    worker_rate_per_s: float = Field(50.0, gt=0, description="Calls per second allowed per worker.")
+    worker_burst: int = Field(200, ge=1, description="Calls a worker may make at once.")
+    wait_for_runs: bool = Field(
+        False,
+        description="After the last queued run ends, keep workers connected for runs submitted later "
+        "(`antorcha run submit`) instead of letting them exit.",
+    )
+
+    def auth_enabled(self) -> bool:
+        from antorcha.security.tls import is_loopback
+
+        return self.auth == "tokens" or (self.auth == "auto" and not is_loopback(self.host))
+
+    def resolved_tokens_file(self) -> str:
+        if self.tokens_file:
+            return self.tokens_file
+        return str(Path(self.data_dir).expanduser() / "tokens.sqlite") if self.data_dir else ""
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> CoordinatorSettings:
@@ -167,6 +325,10 @@ class WorkerSettings(_Strict):
     p2p_announce_maddrs: list[str] = Field(default_factory=list, description="Public multiaddrs to announce.")
     client_mode: bool = Field(False, description="Dial out only (behind NAT): reduce no part of the vector.")
     token: str = Field("", description="Join token given by the operator.")
+    tls: bool = Field(False, description="Talk to the coordinator over TLS (implied by `tls_ca_file`).")
+    tls_ca_file: str = Field(
+        "", description="PEM certificate to trust for the coordinator (its CA, or its self-signed cert)."
+    )
     identity_file: str = Field("", description="Keep the worker id here to resume it after a restart.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of ordinary RPCs to the coordinator.")
     connect_timeout_s: float = Field(
@@ -174,6 +336,20 @@ class WorkerSettings(_Strict):
     )
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate slower hardware: each inner step takes this many times longer."
+    )
+    precision: Precision = Field(
+        "auto",
+        description="Inner-step compute: fp32, or bf16 autocast (parameters and optimizer stay fp32); "
+        "auto = bf16 on a GPU that supports it, fp32 otherwise.",
+    )
+    micro_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Sequences per forward/backward pass; the run's batch_size is reached by gradient "
+        "accumulation. 0 = the whole batch in one pass.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30% more compute."
     )
     emulate_link: str = Field(
         "",

@@ -103,6 +103,29 @@ class ChurnSchedule:
                 say(f"  - {name} leaves (SIGTERM) at round {round_}")
 
 
+def secure_settings(
+    base: Path, coordinator: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """TLS with a self-signed pair and join tokens, as a deployment across machines would run."""
+    from antorcha.security.tls import make_self_signed
+    from antorcha.security.tokens import Role, TokenStore
+
+    cert, key = make_self_signed(base / "tls", ["127.0.0.1", "localhost"])
+    tokens = TokenStore(Path(coordinator["data_dir"]) / "tokens.sqlite")
+    try:
+        operator = tokens.create("demo-operator", Role.OPERATOR)[0]
+        join = tokens.create("demo-workers", Role.WORKER)[0]
+    finally:
+        tokens.close()
+    (base / "operator.token").write_text(operator)
+    secured = {**coordinator, "auth": "tokens", "tls_cert_file": str(cert), "tls_key_file": str(key)}
+    return (
+        secured,
+        {"operator_token": operator, "tls_ca_file": str(cert)},
+        {"token": join, "tls_ca_file": str(cert)},
+    )
+
+
 def run_demo(
     workers: int,
     rounds: int,
@@ -110,14 +133,22 @@ def run_demo(
     workdir: Path | None = None,
     timeout_s: float = 900,
     churn: bool = False,
+    secure: bool = False,
 ) -> int:
     out = sys.stdout
     tty = out.isatty()
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="antorcha-demo-"))
+    coordinator: dict[str, Any] = {"lease_s": 6.0, "data_dir": str(base / "coordinator-data")}
+    client_options: dict[str, Any] = {}
+    worker_defaults: dict[str, Any] = {}
+    if secure:
+        coordinator, client_options, worker_defaults = secure_settings(base, coordinator)
     cluster = LocalCluster(
         base,
         run=demo_run_spec(rounds, workers),
-        coordinator={"lease_s": 6.0, "data_dir": str(base / "coordinator-data")},
+        coordinator=coordinator,
+        client_options=client_options,
+        worker_defaults=worker_defaults,
     )
     schedule = ChurnSchedule(cluster, workers) if churn else None
     start = time.monotonic()
@@ -128,7 +159,15 @@ def run_demo(
             print(
                 f"  dashboard: {cluster.dashboard_url} (Prometheus: {cluster.dashboard_url}metrics)", file=out
             )
-        print(f"  watch it: antorcha status --coordinator {address}", file=out)
+        if secure:
+            print(
+                f"  TLS (self-signed: {client_options['tls_ca_file']}) and join tokens are on; watch it: "
+                f"antorcha status --coordinator {address} --tls-ca {client_options['tls_ca_file']} "
+                f"--token $(cat {base / 'operator.token'})",
+                file=out,
+            )
+        else:
+            print(f"  watch it: antorcha status --coordinator {address}", file=out)
         plans = schedule.crash_plans() if schedule else {}
         for i in range(workers):
             name = f"worker-{i}"

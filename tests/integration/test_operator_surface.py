@@ -46,6 +46,7 @@ RUN = {
 }
 COORDINATOR_ONLY = {"antorcha_active_workers", "antorcha_eval_loss", "antorcha_worker_events_total"}
 COORDINATOR_ONLY |= {"antorcha_rejected_requests_total", "antorcha_checkpoint_age_seconds"}
+COORDINATOR_ONLY |= {"antorcha_excluded_workers_total", "antorcha_spot_checks_total"}
 WORKER_ONLY = {"antorcha_inner_step_seconds"}
 
 

@@ -47,6 +47,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "antorcha_rejected_requests_total": ("counter", frozenset({"reason"})),
     "antorcha_compute_utilisation": ("gauge", frozenset()),
     "antorcha_checkpoint_age_seconds": ("gauge", frozenset()),
+    "antorcha_excluded_workers_total": ("counter", frozenset({"reason"})),
+    "antorcha_spot_checks_total": ("counter", frozenset({"result"})),
 }
 COORDINATOR_HTTP_PORT = 8080  # [coordinator] http_port: dashboard + /metrics
 WORKER_METRICS_PORT = 9100  # [worker] metrics_port
@@ -362,7 +364,7 @@ def test_coordinator_image_has_a_healthcheck_that_the_cli_accepts() -> None:
     m = re.fullmatch(r"((?:--\S+\s+)*)CMD\s+(.*)", healthcheck.args)
     assert m, healthcheck.args
     args = check_cli(json.loads(m.group(2)), "coordinator/Dockerfile HEALTHCHECK")
-    assert args.command == "status"
+    assert args.command == "health"  # Discover: answers without a token, so auth on does not fail it
     config = load_config(CoordinatorConfig, DEPLOY / "coordinator.toml", environ={})
     assert args.coordinator.endswith(f":{config.coordinator.port}")
 

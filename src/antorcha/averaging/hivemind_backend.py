@@ -33,6 +33,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from antorcha.averaging import codecs
 from antorcha.averaging.base import AllReduceResult, AveragingGroup, PeerDescriptor
 from antorcha.averaging.reducer import ReduceSession, RejectedContribution
+from antorcha.averaging.robust import AggregationPolicy
 from antorcha.averaging.spans import span_layout
 from antorcha.netem.pacer import LinkPacer
 from antorcha.proto.antorcha.v1 import averaging_pb2 as pb
@@ -106,6 +107,12 @@ class HivemindBackend:
         visible = [] if client_mode else [str(m) for m in self.dht.get_visible_maddrs()]
         self._peer = PeerDescriptor(self.dht.peer_id.to_base58(), tuple(visible), client_mode)
         self._sessions: OrderedDict[str, asyncio.Future[ReduceSession]] = OrderedDict()
+        # Trust: how our reducer aggregates (the run spec's; set once joined), a hook that sees each new
+        # session before it serves anyone (the coordinator keeps contributions for spot checks), and a
+        # fault-injection hook that rewrites each chunk we send (tests of the reducers' checks only).
+        self.policy = AggregationPolicy()
+        self.session_hook: Callable[[ReduceSession], None] | None = None
+        self.tamper_chunk: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.total_bytes = 0
         self._connected: set[str] = set()
         self._loop = asyncio.new_event_loop()
@@ -212,7 +219,9 @@ class HivemindBackend:
         mine = next((s for s in spans if group.members[s.member_index].peer_id == me), None)
         watcher = None
         if mine is not None and mine.length > 0:
-            session = ReduceSession(group, mine)
+            session = ReduceSession(group, mine, policy=self.policy)
+            if self.session_hook is not None:
+                self.session_hook(session)
             fut = self._session_future(group.group_id)
             if not fut.done():
                 fut.set_result(session)
@@ -223,12 +232,17 @@ class HivemindBackend:
 
         async def exchange(span_index: int, chunk: int, lo: int, hi: int) -> None:
             member = group.members[spans[span_index].member_index]
-            payload = codecs.encode(group.codec, vector[lo:hi]) if weight > 0 else b""
-            if payload and group.codec in codecs.LOSSY:
+            values = vector[lo:hi] if self.tamper_chunk is None else self.tamper_chunk(vector[lo:hi])
+            payload = codecs.encode(group.codec, values) if weight > 0 else b""
+            if payload and group.codec in codecs.LOSSY and values.numel() == hi - lo:
                 assert result.sent is not None
                 result.sent[lo:hi] = codecs.decode(group.codec, payload, hi - lo)
             request = pb.ReducePartRequest(
-                group_id=group.group_id, chunk=chunk, weight=weight, payload=payload, num_elements=hi - lo
+                group_id=group.group_id,
+                chunk=chunk,
+                weight=weight,
+                payload=payload,
+                num_elements=values.numel(),
             )
             async with limits[member.peer_id]:
                 if member.peer_id == me:

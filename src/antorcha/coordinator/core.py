@@ -10,8 +10,10 @@ checkpoint file → only then are workers' commits answered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -22,10 +24,14 @@ from typing import Any, TypeVar
 import torch
 
 from antorcha.averaging.base import AllReduceResult, AveragingBackend, AveragingGroup
+from antorcha.averaging.reducer import ReduceSession
+from antorcha.averaging.robust import AggregationPolicy
 from antorcha.config import CoordinatorSettings, RunSpec
 from antorcha.coordinator.budget import BudgetView, next_shard_refusal
 from antorcha.coordinator.checkpoints import CheckpointStore, CheckpointWriteError
+from antorcha.coordinator.claims import Claim, claim_refusal
 from antorcha.coordinator.grouping import make_group
+from antorcha.coordinator.hygiene import NormTracker
 from antorcha.coordinator.ledger import DataLedger, Lease
 from antorcha.coordinator.membership import Membership, WorkerRecord, WorkerState
 from antorcha.coordinator.operator import OperatorControls
@@ -33,7 +39,12 @@ from antorcha.coordinator.replica import CoordinatorReplica
 from antorcha.coordinator.rounds import Phase, Report, RoundMachine
 from antorcha.coordinator.store import RunStore
 from antorcha.coordinator.telemetry import Telemetry
+from antorcha.coordinator.verifier import SpotChecker, judge, measure, should_check
+from antorcha.data import ShardReader
+from antorcha.data.source import load_run_data
+from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.state import decode_state
+from antorcha.model.factory import build_run_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,6 +137,7 @@ class CoordinatorCore:
         self.shard_seconds: dict[str, float] = {}  # worker -> measured seconds to train one shard
         self.telemetry = Telemetry(store)  # events, timings and metrics for the operator surface
         self.operator = OperatorControls(self)  # pause, resume, evict
+        self._init_trust()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -230,14 +242,14 @@ class CoordinatorCore:
             self.ledger.release(worker_id)
             self._persist_leases()
         before = self.rounds.phase
-        decision = self.rounds.tick(now, self._active_ids())
+        decision = self.rounds.tick(now, self._active_ids() - set(self._sat_out))
         if self.rounds.phase == Phase.TRAINING and before != Phase.TRAINING:
             self._round_started = now
         if decision.reason != self._last_reason:  # tick runs often; log only what changed
             log.info("round=%d phase=%s %s", self.rounds.round, self.rounds.phase, decision.reason)
             self._last_reason = decision.reason
         if decision.form_group:
-            group = self._make_group(decision.members)
+            group = self._make_group(self._screen_group(decision.members))
             self._future(self._group_ready, self.rounds.round).set_result(group)
             asyncio.get_running_loop().create_task(self._average(self.rounds.round, group))
 
@@ -264,7 +276,7 @@ class CoordinatorCore:
     # ---- rounds --------------------------------------------------------------------------------
 
     def _make_group(self, worker_ids: tuple[str, ...]) -> AveragingGroup:
-        return make_group(
+        group = make_group(
             f"{self.spec.run_id}.r{self.rounds.round}.{uuid.uuid4().hex[:8]}",
             self.backend.peer,
             [(w, self.members.workers[w].peer) for w in worker_ids],
@@ -272,6 +284,18 @@ class CoordinatorCore:
             self.spec.codec,
             self.spec.allreduce_timeout_s,
         )
+        checked = group.members[0].reduce_fraction > 0 and should_check(
+            self.spec.seed, self.rounds.round, self.spec.verify_fraction
+        )
+        if checked:  # a spot-checked round: the coordinator's reducer gets every worker's whole Δ
+            members = (
+                group.members[0],
+                *(dataclasses.replace(m, reduce_fraction=0.0) for m in group.members[1:]),
+            )
+            group = dataclasses.replace(group, members=members)
+        by_peer = {m.peer_id: self._declared_norms.get(m.worker_id, 0.0) for m in group.members[1:]}
+        self._group_trust[group.group_id] = (by_peer, checked)
+        return group
 
     async def _average(self, round_: int, group: AveragingGroup) -> None:
         started = time.monotonic()
@@ -280,6 +304,11 @@ class CoordinatorCore:
         losses = [r.train_loss for r in reports.values() if math.isfinite(r.train_loss)]
         entry.train_loss = sum(losses) / len(losses) if losses else math.nan
         zeros = torch.zeros(self.replica.num_parameters)
+        checked = self._group_trust.get(group.group_id, ({}, False))[1]
+        theta_r = await self.in_replica(self.replica.state.params.clone) if checked else None
+        # Spot checks need each worker's first assigned shard, read before the ledger completes the round.
+        first_shards = {w: held[0].shard for w in reports if (held := self.ledger.held(w, round_))}
+        taken = {lease.shard for lease in self.ledger.all_leases() if lease.round == round_}
         try:
             result = await self.in_replica(self.backend.all_reduce, group, zeros, 0.0)
         except Exception:  # the round must close whatever the data plane did; workers resync
@@ -287,6 +316,7 @@ class CoordinatorCore:
             result = AllReduceResult(average=zeros, failed_spans=len(group.members))
         entry.failed_spans = result.failed_spans
         entry.data_plane_bytes += result.bytes_sent  # each byte counted once, by its sender
+        session = self._record_data_plane_exclusions(round_, group)
         try:
             entry.checksum = await self.in_replica(self.replica.apply, result.average)
         except ValueError as e:  # a non-finite average never reaches the model
@@ -315,6 +345,8 @@ class CoordinatorCore:
         self.telemetry.round_closed(entry, reports, result, time.monotonic() - started)
         now = time.monotonic()
         reason = self.rounds.close(now, self._active_ids())
+        self._sat_out.clear()
+        self._declared_norms.clear()
         self._round_started = now
         log.info("round=%d closed tokens=%d checksum=%s %s", round_, entry.tokens, entry.checksum, reason)
         self._future(self._round_closed, round_).set_result(entry.checksum)
@@ -323,6 +355,8 @@ class CoordinatorCore:
         entry.eval_loss = await self.in_replica(self.replica.evaluate)
         log.info("round=%d eval_loss=%.4f", round_, entry.eval_loss)
         self._persist_round_update(entry)
+        if theta_r is not None:
+            await self._run_spot_checks(round_, theta_r, session, group, first_shards, taken)
 
     def _persist_round_update(self, entry: RoundLog) -> None:
         if self.store is not None:
@@ -343,6 +377,170 @@ class CoordinatorCore:
         except CheckpointWriteError as e:  # e.g. a full disk: keep training, the older checkpoint stays
             log.error("checkpoint of round %d not written: %s", round_, e)
             self.telemetry.event("checkpoint_failed", round_=round_, detail=str(e))
+
+    # ---- trust: pseudo-gradient hygiene, token claims, spot checks (issue 6) -----------------
+
+    def _init_trust(self) -> None:
+        spec = self.spec
+        self.norms = NormTracker(spec.norm_outlier_k)
+        self.spot_checker = SpotChecker(spec.verify_fail_limit)
+        self._declared_norms: dict[str, float] = {}  # the open round's declared ‖Δ‖ per worker
+        self._sat_out: dict[str, str] = {}  # workers refused or left out of the open round, and why
+        self._first_lease_at: dict[str, tuple[int, float]] = {}  # worker -> (round, its first lease)
+        # Group id -> (declared norms by peer id, keep every contribution for spot checks), read by the
+        # backend's session hook in the data-plane thread; and the sessions it saw, by group id.
+        self._group_trust: dict[str, tuple[dict[str, float], bool]] = {}
+        self._sessions: dict[str, ReduceSession] = {}
+        self._spot_data: tuple[Any, Any, Any] | None = None  # (train tokens, scratch model, layout)
+        policy = AggregationPolicy(
+            spec.aggregation, spec.norm_outlier_k, spec.clip_iterations, spec.trim_fraction
+        )
+        if hasattr(self.backend, "session_hook"):  # the hivemind backend; test doubles may have none
+            self.backend.policy = policy  # type: ignore[attr-defined]
+            self.backend.session_hook = self._on_session  # type: ignore[attr-defined]
+
+    def _on_session(self, session: ReduceSession) -> None:
+        """The coordinator's reducer opened a session (data-plane thread, before it serves anyone)."""
+        declared, keep = self._group_trust.get(session.group.group_id, ({}, False))
+        session.declared_norms = dict(declared)
+        if keep:
+            session.keep_contributions()
+        self._sessions[session.group.group_id] = session
+
+    def _sit_out(self, worker_id: str, reason: str) -> None:
+        """`worker_id` takes no part in the open round: the round stops waiting for its report."""
+        self._sat_out[worker_id] = reason
+        self.rounds.reports.pop(worker_id, None)
+
+    def screen_report(
+        self, worker_id: str, round_: int, tokens: int, compute_s: float, norm: float
+    ) -> tuple[str, str]:
+        """Why a report must be refused ("" if it may go on) and the refusal's metric label. A refused
+        worker sits the round out (the round does not wait for it) and resyncs."""
+        if not (math.isfinite(norm) and norm >= 0):
+            reason = f"pseudo_gradient_norm must be finite and >= 0, got {norm}"
+            if round_ == self.rounds.round and self.rounds.phase == Phase.TRAINING:
+                self._sit_out(worker_id, reason)
+            return reason, "invalid_argument"
+        if round_ != self.rounds.round or self.rounds.phase != Phase.TRAINING:
+            return "", ""  # a late report: `report` answers it
+        shard_tokens = self.spec.steps_per_shard * self.spec.tokens_per_step
+        first = self._first_lease_at.get(worker_id)
+        seconds = self.shard_seconds.get(worker_id)
+        claim = Claim(
+            tokens=tokens,
+            compute_seconds=compute_s,
+            leased_tokens=len(self.ledger.held(worker_id, round_)) * shard_tokens,
+            wall_seconds=time.monotonic() - first[1] if first is not None and first[0] == round_ else None,
+            measured_rate=shard_tokens / seconds if seconds else None,
+        )
+        refusal = claim_refusal(claim, self.spec.claim_rate_slack)
+        if refusal:
+            log.warning("impossible claim worker=%s round=%d: %s", worker_id, round_, refusal)
+            self._sit_out(worker_id, f"impossible token claim: {refusal}")
+            return f"impossible token claim for round {round_}: {refusal}", "impossible_claim"
+        self._declared_norms[worker_id] = norm
+        self.norms.record(worker_id, norm)
+        return "", ""
+
+    def _screen_group(self, members: tuple[str, ...]) -> tuple[str, ...]:
+        """Leave out workers whose declared norm is an outlier (never all of them)."""
+        excluded = self.norms.screen({w: self._declared_norms.get(w, 0.0) for w in members})
+        if not excluded or len(excluded) >= len(members):
+            return members
+        for worker_id, why in excluded.items():
+            log.warning("round=%d left out worker=%s: %s", self.rounds.round, worker_id, why)
+            self._sit_out(worker_id, why)
+            self.telemetry.excluded("norm_outlier", worker_id, self.rounds.round, why)
+        kept = tuple(w for w in members if w not in excluded)
+        self.rounds.group = kept
+        return kept
+
+    def _record_data_plane_exclusions(self, round_: int, group: AveragingGroup) -> ReduceSession | None:
+        """What the coordinator's own reducer left out of its span, as events and metrics."""
+        session = self._sessions.pop(group.group_id, None)
+        for gid in [g for g in self._group_trust if g != group.group_id]:
+            self._group_trust.pop(gid, None)
+        self._group_trust.pop(group.group_id, None)
+        if session is None:
+            return None
+        workers = {m.peer_id: m.worker_id for m in group.members}
+        for peer, why in session.banned.items():
+            if why.startswith("sent nothing"):
+                continue  # silence is a crash, counted as such by the lease
+            label = "norm_outlier" if peer in session.outliers else "data_plane"
+            if "declared" in session.outliers.get(peer, ""):
+                label = "norm_mismatch"
+            self.telemetry.excluded(label, workers.get(peer, peer), round_, why)
+        return session
+
+    def _spot_check_batches(self, shard: int, count: int) -> list[torch.Tensor]:
+        tokens, _, _ = self._spot_data_loaded()
+        reader = ShardReader(tokens, self.ledger.num_shards, self.spec.seq_len, self.spec.batch_size)
+        reader.start(shard)
+        return [reader.next_batch() for _ in range(count)]
+
+    def _spot_data_loaded(self) -> tuple[Any, Any, Any]:
+        if self._spot_data is None:
+            data = load_run_data(self.spec)  # the workers' own tokens: same spec, same function
+            model = build_run_model(self.spec, data.vocab_size)
+            self._spot_data = (data.corpus.train, model, ParamLayout.of(model))
+        return self._spot_data
+
+    def _spot_check(
+        self,
+        round_: int,
+        theta: torch.Tensor,
+        deltas: dict[str, torch.Tensor],
+        assigned: dict[str, int],
+        taken: set[int],
+    ) -> list[tuple[str, bool, str]]:
+        """Judge each worker's Δ on its first assigned shard against control shards (replica thread)."""
+        _, model, layout = self._spot_data_loaded()
+        n = self.spec.verify_batches
+        free = [s for s in range(self.ledger.num_shards) if s not in taken]
+        rng = random.Random(f"{self.spec.seed}:{round_}")
+        control_shards = rng.sample(free, min(len(free), n)) or [0]
+        control = [b for s in control_shards for b in self._spot_check_batches(s, 1)][:n]
+        verdicts = []
+        for worker_id, delta in sorted(deltas.items()):
+            batches = self._spot_check_batches(assigned[worker_id], n)
+            passed, reason = judge(measure(model, layout, theta, delta, batches, control))
+            verdicts.append((worker_id, passed, reason))
+        return verdicts
+
+    async def _run_spot_checks(
+        self,
+        round_: int,
+        theta: torch.Tensor,
+        session: ReduceSession | None,
+        group: AveragingGroup,
+        assigned: dict[str, int],
+        taken: set[int],
+    ) -> None:
+        if session is None or session.contributions is None or session.span.length != theta.numel():
+            log.warning(
+                "round=%d spot check skipped: the coordinator did not reduce the whole vector", round_
+            )
+            return
+        workers = {m.peer_id: m.worker_id for m in group.members}
+        deltas = {
+            workers[p]: v
+            for p, v in session.contributions.items()
+            if p not in session.banned and workers.get(p) in assigned
+        }
+        try:
+            verdicts = await self.in_replica(self._spot_check, round_, theta, deltas, assigned, taken)
+        except Exception:  # a check that cannot run must not stop the run
+            log.exception("round=%d spot check failed to run", round_)
+            return
+        for worker_id, passed, reason in verdicts:
+            log.info("round=%d spot check worker=%s passed=%s %s", round_, worker_id, passed, reason)
+            self.telemetry.spot_check(worker_id, round_, passed, reason)
+            flag = self.spot_checker.record(worker_id, passed, reason)
+            if flag:
+                self.telemetry.excluded("spot_check", worker_id, round_, flag)
+                self.operator.evict(worker_id, f"spot checks: {flag}")
 
     # ---- what the RPCs ask -------------------------------------------------------------------
 
@@ -387,6 +585,8 @@ class CoordinatorCore:
             old = self.shard_seconds.get(worker_id)
             self.shard_seconds[worker_id] = measured if old is None else 0.5 * old + 0.5 * measured
         self._last_lease_at[worker_id] = (round_, now)
+        if index == 0:
+            self._first_lease_at[worker_id] = (round_, now)  # token claims are bounded from here
         lease, reason = self.ledger.lease(worker_id, round_, index)
         log.debug("lease %s", reason)
         self._persist_leases()
@@ -458,7 +658,13 @@ class CoordinatorCore:
         except TimeoutError:
             return GroupOutcome(False, "no group was formed in time", None, self.rounds.round)
         if worker_id not in {m.worker_id for m in group.members}:
-            return GroupOutcome(False, "the group was formed without you", None, round_ + 1)
+            why = self._sat_out.get(worker_id, "")
+            return GroupOutcome(
+                False,
+                f"left out of round {round_}: {why}" if why else "the group was formed without you",
+                None,
+                round_ + 1,
+            )
         return GroupOutcome(True, "group formed", group, round_ + 1)
 
     async def commit(

@@ -1,5 +1,5 @@
-"""What an operator can do to a running coordinator: pause and resume the run, evict a worker; and the
-hook where operator authentication goes.
+"""What an operator can do to a running coordinator: pause and resume the run, evict a worker.
+(Who counts as an operator is decided before these run, by `antorcha.security.guard`.)
 
 Pause: the round in flight finishes (its workers train, average and commit as usual); the next round
 does not open. Workers asking for data of an unopened round are told to wait and ask again. Resume
@@ -12,14 +12,13 @@ training is withdrawn, so the group forms without it; every later RPC it makes (
 is refused with PERMISSION_DENIED and the operator's reason, which makes the worker exit (code 3);
 Join with its id is refused the same way, across coordinator restarts. The ban is of a worker id: a
 process that forgets its identity file joins as a new worker. Barring a person or machine is done
-by revoking its join token, once tokens exist.
+by revoking its join token (`antorcha token revoke`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from antorcha.coordinator.membership import WorkerState
@@ -29,17 +28,6 @@ if TYPE_CHECKING:
     from antorcha.coordinator.core import CoordinatorCore
 
 log = logging.getLogger(__name__)
-
-
-def authorize_operator(metadata: Mapping[str, str]) -> str:
-    """Why an operator call with this gRPC metadata is refused ("" = allowed).
-
-    Authentication does not exist yet: every caller that reaches the gRPC port is an operator, so
-    keep that port private. The auth issue checks an operator token here (e.g. `authorization:
-    Bearer <token>`); the servicer already calls this first in every operator RPC and refuses with
-    UNAUTHENTICATED when it returns a reason.
-    """
-    return ""
 
 
 class OperatorControls:

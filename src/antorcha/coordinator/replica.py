@@ -8,23 +8,25 @@ import threading
 import torch
 
 from antorcha.config import RunSpec
-from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus, shards_for_rounds
+from antorcha.data import eval_batches, evaluate, shards_for_rounds
+from antorcha.data.source import load_run_data
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.pseudo_gradient import check_finite
 from antorcha.diloco.state import GlobalState, encode_state, sha256_hex
-from antorcha.model import build_model
+from antorcha.model.factory import build_run_model
 
 
 class CoordinatorReplica:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        corpus = load_stdlib_corpus(spec.corpus_max_bytes)
+        data = load_run_data(spec)  # the workers call the same function on the same spec
+        corpus = data.corpus
         self.corpus_fingerprint = corpus.fingerprint
         self.num_data_shards = spec.num_data_shards or shards_for_rounds(
             corpus.train.numel(), spec.steps_per_shard * spec.tokens_per_step
         )
-        self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed)
+        self.model = build_run_model(spec, data.vocab_size)
         self.layout = ParamLayout.of(self.model)
         params = self.layout.flatten(self.model)
         self.state = GlobalState(0, params, torch.zeros_like(params))

@@ -107,6 +107,16 @@ class RoundMachine:
         self.phase = Phase.WAITING
         return f"round {finished} closed; waiting for workers to open round {self.round}"
 
+    def stop_after_current(self) -> str:
+        """End the run at the next round boundary (a cancelled run): a round in flight still finishes."""
+        if self.phase == Phase.FINISHED:
+            return "the run is finished"
+        if self.phase in (Phase.WAITING, Phase.PAUSED):
+            self.phase = Phase.FINISHED
+            return f"run ended before round {self.round} opened"
+        self.max_rounds = self.round + 1
+        return f"run ends after round {self.round}"
+
     def pause(self) -> tuple[bool, str]:
         """No new round opens until `resume`; the round in flight (training or averaging) finishes."""
         if self.phase == Phase.FINISHED:

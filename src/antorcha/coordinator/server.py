@@ -16,14 +16,14 @@ import grpc
 import torch
 
 from antorcha.averaging.hivemind_backend import HivemindBackend
-from antorcha.config import CoordinatorConfig
-from antorcha.coordinator.checkpoints import CheckpointStore
-from antorcha.coordinator.core import CoordinatorCore
-from antorcha.coordinator.replica import CoordinatorReplica
+from antorcha.config import CoordinatorConfig, CoordinatorSettings
+from antorcha.coordinator.host import RunHost
+from antorcha.coordinator.rpc_handlers import add_guarded_servicer
 from antorcha.coordinator.service import CoordinatorService
-from antorcha.coordinator.store import RunStore
 from antorcha.dashboard.http import DashboardServer
-from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
+from antorcha.security.guard import GuardSettings, RequestGuard
+from antorcha.security.tls import TLSConfigError, is_loopback, server_credentials
+from antorcha.security.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,60 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def make_guard(settings: CoordinatorSettings) -> RequestGuard:
+    """The request guard the settings ask for; SystemExit with the fix when they cannot work."""
+    tokens = None
+    if settings.auth_enabled():
+        path = settings.resolved_tokens_file()
+        if not path:
+            raise SystemExit(
+                "antorcha coordinator: auth is on (host is not loopback, or auth = 'tokens') but there is "
+                "nowhere to keep tokens; set [coordinator] data_dir or tokens_file"
+            )
+        tokens = TokenStore(path)
+        if tokens.count() == 0:
+            log.warning(
+                "auth is on and %s holds no tokens yet: no worker can join until you run "
+                "`antorcha token create --name NAME --tokens-file %s`",
+                path,
+                path,
+            )
+    return RequestGuard(
+        GuardSettings(
+            enabled=settings.auth_enabled(),
+            session_ttl_s=settings.session_ttl_s,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            join_rate_per_s=settings.join_rate_per_s,
+            join_burst=settings.join_burst,
+            worker_rate_per_s=settings.worker_rate_per_s,
+            worker_burst=settings.worker_burst,
+        ),
+        tokens,
+    )
+
+
+def listen(server: grpc.aio.Server, settings: CoordinatorSettings) -> int:
+    """Open the gRPC port: TLS when a certificate is given; plaintext only on loopback unless allowed."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file or settings.tls_key_file:
+        try:
+            return server.add_secure_port(
+                address, server_credentials(settings.tls_cert_file, settings.tls_key_file)
+            )
+        except TLSConfigError as e:
+            raise SystemExit(f"antorcha coordinator: {e}") from None
+    if not is_loopback(settings.host) and not settings.allow_plaintext:
+        raise SystemExit(
+            f"antorcha coordinator: refusing to serve plaintext gRPC on {settings.host}: set "
+            "[coordinator] tls_cert_file and tls_key_file (`antorcha tls self-signed` makes a test pair), "
+            "or allow_plaintext = true on a network you trust"
+        )
+    return server.add_insecure_port(address)
+
+
 async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> None:
     settings, spec = config.coordinator, config.run
+    guard = make_guard(settings)  # fail on bad auth settings before anything starts
     # hivemind forks its DHT process: do it before gRPC and torch start threads in this process.
     data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else None
     if data_dir is not None:
@@ -57,34 +109,30 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         # dialing its dead addresses (libp2p dial backoff); workers learn the new one from each group.
     )
     torch.set_num_threads(settings.torch_threads)
-    core = None
+    host = RunHost(settings, spec, backend, data_dir)
     dashboard: DashboardServer | None = None
+    supervisor: asyncio.Task[None] | None = None
     server = grpc.aio.server(options=grpc_options(settings.max_message_bytes))
     try:
-        replica = CoordinatorReplica(spec)
-        store = RunStore(data_dir / "run.sqlite") if data_dir is not None else None
-        checkpoints = (
-            CheckpointStore(data_dir / "checkpoints", settings.checkpoints_keep) if data_dir else None
-        )
-        core = CoordinatorCore(spec, settings, replica, backend, store, checkpoints)
-        await core.start()
-        pb_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorService(core, backend.bootstrap_maddrs()), server
-        )
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        core = await host.start()
+        add_guarded_servicer(CoordinatorService(host, backend.bootstrap_maddrs(), guard), server)
+        port = listen(server, settings)
         await server.start()
         address = f"{settings.host}:{port}"
         log.info(
-            "coordinator listening address=%s run=%s params=%d bootstrap=%s",
+            "coordinator listening address=%s tls=%s auth=%s run=%s params=%d bootstrap=%s",
             address,
-            spec.run_id,
-            replica.num_parameters,
+            "on" if settings.tls_cert_file else "off",
+            "tokens" if guard.enabled else "off",
+            core.spec.run_id,
+            core.replica.num_parameters,
             backend.bootstrap_maddrs(),
         )
         ready = {"address": address, "pid": os.getpid(), "http_address": ""}
         if settings.http_port:
             http_host = settings.http_host or settings.host
             dashboard = DashboardServer(core, http_host, settings.http_port)
+            host.on_switch.append(dashboard.switch)
             try:
                 http_port = await dashboard.start()
             except OSError as e:
@@ -100,16 +148,18 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        ticks = asyncio.create_task(core.run_ticks())
+        supervisor = asyncio.create_task(host.supervise())
         await stop.wait()
         log.info("coordinator stopping")
-        ticks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticks
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         if dashboard is not None:
             await dashboard.stop()
         await server.stop(grace=2)
-        if core is not None:
-            core.close()
+        await host.close()
         backend.close()
+        if guard.tokens is not None:
+            guard.tokens.close()

@@ -3,8 +3,10 @@ status codes with a message a person can act on. Every byte it moves is counted 
 traffic, except state downloads, which are counted apart. Every refusal is counted by reason
 (`antorcha_rejected_requests_total`) and shown among the dashboard's events.
 
-The operator RPCs (Pause, Resume, Evict) first ask `operator.authorize_operator`, the hook where
-operator tokens will be checked; GetRunStatus answers anyone who reaches the port.
+Every call first passes `guard_call` (registered by `rpc_handlers`): a request that is not valid
+protobuf is refused INVALID_ARGUMENT; then rate limits and, when auth is on, the join token, the
+worker's signed session or the operator token (see `antorcha.security.guard`). A worker whose join token
+was revoked is evicted at its next call, so it drops out of the next round.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import Message
 
 from antorcha import PROTOCOL_VERSION, __version__
 from antorcha.coordinator.core import CoordinatorCore, RoundLog
+from antorcha.coordinator.host import RunHost
 from antorcha.coordinator.membership import UnknownWorkerError, WorkerRecord, WorkerState
-from antorcha.coordinator.operator import authorize_operator
+from antorcha.coordinator.queue_service import RunQueueMethods
 from antorcha.coordinator.rounds import Phase, Report
+from antorcha.coordinator.rpc_handlers import Incoming
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
 from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
 from antorcha.protocol import (
@@ -34,6 +39,8 @@ from antorcha.protocol import (
     progress_from_pb,
     progress_to_pb,
 )
+from antorcha.security.guard import METHOD_KINDS, MethodKind, Refusal, RequestGuard
+from antorcha.security.signing import metadata_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +52,17 @@ DEFAULT_ROUNDS_PAGE = 1000  # rounds in a GetRunStatus answer that does not ask 
 MAX_ROUNDS_PAGE = 10_000
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, core: CoordinatorCore, bootstrap_maddrs: list[str]) -> None:
-        self.core = core
+class CoordinatorService(RunQueueMethods, pb_grpc.CoordinatorServicer):
+    def __init__(self, host: RunHost, bootstrap_maddrs: list[str], guard: RequestGuard) -> None:
+        self.host = host
         self.bootstrap_maddrs = bootstrap_maddrs
+        self.guard = guard
+
+    @property
+    def core(self) -> CoordinatorCore:
+        """The core of the run being trained (it changes when the host moves to the next queued run)."""
+        assert self.host.core is not None, "the host opens a run before the server starts"
+        return self.host.core
 
     def _count(self, request: object, response: object) -> None:
         received, sent = request.ByteSize(), response.ByteSize()  # type: ignore[attr-defined]
@@ -83,11 +97,41 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 worker_id,
             )
 
-    async def _operator(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        refused = authorize_operator(metadata)
-        if refused:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", refused)
+    async def guard_call(self, method: str, incoming: Incoming, context: grpc.aio.ServicerContext) -> Message:
+        """Decode errors, rate limits and auth, before any method runs; returns the decoded request."""
+        request = incoming.message
+        if request is None:
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "malformed",
+                f"the {method} request is not a valid protobuf message ({incoming.error}); "
+                "build the client from proto/antorcha/v1",
+            )
+        kind = METHOD_KINDS.get(method, MethodKind.OPERATOR)
+        worker_id = getattr(request, "worker_id", "") if kind == MethodKind.WORKER else ""
+        metadata = metadata_dict(context.invocation_metadata())
+        try:
+            self.guard.rate_limit(method, _client_address(context.peer()), worker_id)
+            if kind == MethodKind.WORKER:
+                self.guard.check_worker_call(method, metadata, incoming.raw, worker_id)
+            elif kind == MethodKind.OPERATOR:
+                self.guard.check_operator(metadata)
+            elif kind == MethodKind.READ:
+                self.guard.check_read(method, metadata, incoming.raw)
+        except Refusal as refusal:
+            for revoked_id, why in self.guard.drain_revoked():
+                self._revoked(revoked_id, why)
+            await self._refuse(
+                context, grpc.StatusCode[refusal.code], refusal.reason, refusal.message, worker_id
+            )
+        assert request is not None
+        return request
+
+    def _revoked(self, worker_id: str, why: str) -> None:
+        if worker_id in self.core.members.workers:
+            self.core.operator.evict(worker_id, why)
+            self.core.tick(time.monotonic())  # a round that only waited for it can form its group now
 
     async def Discover(
         self, request: pb.DiscoverRequest, context: grpc.aio.ServicerContext
@@ -97,6 +141,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             software_version=__version__,
             run_id=self.core.spec.run_id,
             bootstrap_maddrs=self.bootstrap_maddrs,
+            tokens_required=self.guard.enabled,
+            run_active=not self.core.finished,
+            serves_queue=self.host.serves_queue,
         )
         self._count(request, response)
         return response
@@ -135,6 +182,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._refuse(
                 context, grpc.StatusCode.FAILED_PRECONDITION, "run_finished", "the run is finished"
             )
+        try:
+            token = self.guard.admit_join(request.token, request.session_public_key)
+        except Refusal as refusal:
+            await self._refuse(context, grpc.StatusCode[refusal.code], refusal.reason, refusal.message)
         record, _ = self.core.join(
             name=request.name,
             peer=peer_from_pb(request.peer),
@@ -153,7 +204,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             bootstrap_maddrs=self.bootstrap_maddrs,
             round=start_round,
             state_checksum=self.core.replica.checksum,
+            server_time_unix=time.time(),
         )
+        session = self.guard.open_session(record.worker_id, token, request.session_public_key)
+        if session is not None:
+            response.session_id = session.session_id
+            response.session_ttl_seconds = self.guard.settings.session_ttl_s
         self._count(request, response)
         return response
 
@@ -170,6 +226,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             round=self.core.rounds.round,
             lease_seconds=self.core.settings.lease_s,
             reason=reason,
+            session_ttl_seconds=self.guard.settings.session_ttl_s if self.guard.enabled else 0.0,
         )
         self._count(request, response)
         return response
@@ -202,6 +259,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 "train_loss must be finite (or NaN), seconds ≥ 0",
                 request.worker_id,
             )
+        # Trust (issue 6): a non-finite declared ‖Δ‖ or an impossible token claim is refused here.
+        refusal, label = self.core.screen_report(
+            request.worker_id,
+            request.round,
+            request.tokens,
+            request.compute_seconds,
+            request.pseudo_gradient_norm,
+        )
+        if refusal:
+            await self._refuse(context, invalid, label, refusal, request.worker_id)
         report = Report(
             request.worker_id,
             request.tokens,
@@ -326,7 +393,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     async def Pause(self, request: pb.PauseRequest, context: grpc.aio.ServicerContext) -> pb.OperatorResponse:
-        await self._operator(context)
         changed, message = self.core.operator.pause(request.reason[:_MAX_REASON])
         response = pb.OperatorResponse(changed=changed, message=message)
         self._count(request, response)
@@ -335,7 +401,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Resume(
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperatorResponse:
-        await self._operator(context)
         changed, message = self.core.operator.resume()
         self.core.tick(time.monotonic())  # open the round now rather than at the next tick
         response = pb.OperatorResponse(changed=changed, message=message)
@@ -343,7 +408,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.OperatorResponse:
-        await self._operator(context)
         if request.worker_id not in self.core.members.workers:
             await self._refuse(
                 context,
@@ -353,10 +417,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 "see `antorcha workers` for the ids",
             )
         changed, message = self.core.operator.evict(request.worker_id, request.reason[:_MAX_REASON])
+        self.guard.drop_worker(request.worker_id)
         self.core.tick(time.monotonic())  # a round that only waited for it can form its group now
         response = pb.OperatorResponse(changed=changed, message=message)
         self._count(request, response)
         return response
+
+
+def _client_address(peer: str) -> str:
+    """'ipv4:1.2.3.4:5678' → '1.2.3.4', 'ipv6:[::1]:5678' → '::1' (the port changes per connection)."""
+    _, _, rest = peer.partition(":")
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]") or peer
 
 
 def rounds_page(core: CoordinatorCore, since: int | None, limit: int) -> list[RoundLog]:

@@ -30,7 +30,8 @@ _SETTLED_ROUNDS = 8
 @dataclass
 class Event:
     at: float  # unix time
-    kind: str  # join, leave, crash, evict, reject, resync, pause, resume, restart, checkpoint_failed
+    kind: str  # join, leave, crash, evict, reject, resync, pause, resume, restart, checkpoint_failed,
+    # exclude (a pseudo-gradient left out of a round), spot_check_failed
     worker_id: str = ""
     round: int | None = None
     detail: str = ""
@@ -85,6 +86,17 @@ class Telemetry:
             last.at = time.time()
             return
         self.events.append(Event(time.time(), "reject", worker_id, round_, detail))
+
+    def excluded(self, reason: str, worker_id: str, round_: int, detail: str) -> None:
+        """A worker's pseudo-gradient was left out of a round (or the worker evicted by spot checks);
+        `reason` is one of metrics.EXCLUDE_REASONS. Kept as an "exclude" event."""
+        self.metrics.excluded.labels(reason).inc()
+        self.event("exclude", worker_id, round_, f"{reason}: {detail}")
+
+    def spot_check(self, worker_id: str, round_: int, passed: bool, detail: str) -> None:
+        self.metrics.spot_checks.labels("pass" if passed else "fail").inc()
+        if not passed:  # passes are only counted: one event per worker per checked round would flood
+            self.event("spot_check_failed", worker_id, round_, detail)
 
     def recent_events(self, limit: int) -> list[Event]:
         return list(self.events)[-limit:] if limit > 0 else []

@@ -69,6 +69,11 @@ class DashboardServer:
         self._runner: web.AppRunner | None = None
         bind_metrics(core)
 
+    def switch(self, core: CoordinatorCore) -> None:
+        """Show another run (the coordinator moved to the next queued run)."""
+        self.core, self.api = core, DashboardApi(core)
+        bind_metrics(core)
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/", self._page)

@@ -20,6 +20,8 @@ request was refused). Each process exports the metrics that mean something for i
 | antorcha_rejected_requests_total{reason} | refused RPCs | — |
 | antorcha_compute_utilisation | workers' compute share of the last round | compute share of wall time |
 | antorcha_checkpoint_age_seconds | since the newest checkpoint | — |
+| antorcha_excluded_workers_total{reason} | pseudo-gradients left out (EXCLUDE_REASONS) | — |
+| antorcha_spot_checks_total{result} | spot checks passed / failed | — |
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ REJECT_REASONS = (
     "run_finished",
     "late_report",
     "unauthenticated",
+    "permission_denied",
+    "rate_limited",
+    "malformed",
+    "impossible_claim",
 )
+# Why a worker's pseudo-gradient was left out of a round (antorcha_excluded_workers_total): its declared
+# norm was an outlier, a span measured larger than it declared, a reducer of the coordinator's span left
+# it out (NaN/Inf, wrong size, norm outlier), or it failed repeated spot checks (and was evicted).
+EXCLUDE_REASONS = ("norm_outlier", "norm_mismatch", "data_plane", "spot_check")
+SPOT_CHECK_RESULTS = ("pass", "fail")
 METRIC_NAMES = (
     "antorcha_round",
     "antorcha_active_workers",
@@ -56,6 +67,8 @@ METRIC_NAMES = (
     "antorcha_rejected_requests_total",
     "antorcha_compute_utilisation",
     "antorcha_checkpoint_age_seconds",
+    "antorcha_excluded_workers_total",
+    "antorcha_spot_checks_total",
 )
 # Inner steps run from milliseconds (nano on a GPU) to seconds (1B on a small GPU); a round's
 # averaging from a fraction of a second (loopback) to minutes (a slow link).
@@ -121,6 +134,23 @@ class CoordinatorMetrics(_Metrics):
         self.checkpoint_age = Gauge(
             "antorcha_checkpoint_age_seconds", "Seconds since the newest checkpoint was written.", registry=r
         )
+        # Trust: pseudo-gradients left out (norm outlier, span check, spot checks) and spot-check results.
+        self.excluded = Counter(
+            "antorcha_excluded_workers_total",
+            "Pseudo-gradients left out of a round (or workers evicted by spot checks), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in EXCLUDE_REASONS:
+            self.excluded.labels(reason)
+        self.spot_checks = Counter(
+            "antorcha_spot_checks_total",
+            "Spot checks of pseudo-gradients, by result.",
+            ["result"],
+            registry=r,
+        )
+        for result in SPOT_CHECK_RESULTS:
+            self.spot_checks.labels(result)
         self.eval_loss.set(math.nan)
         self.checkpoint_age.set(math.nan)
 

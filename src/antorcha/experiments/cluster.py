@@ -31,6 +31,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, e.g. run.data or run.hf_model_config
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
@@ -58,9 +60,13 @@ class LocalCluster:
         coordinator: dict[str, Any] | None = None,
         worker_threads: int = 1,
         wrap: Callable[[str, list[str]], list[str]] | None = None,
+        client_options: dict[str, Any] | None = None,
+        worker_defaults: dict[str, Any] | None = None,
     ) -> None:
         """`wrap(name, argv)` may rewrite each process's command line, e.g. to run it inside a network
-        namespace of a slow-link lab."""
+        namespace of a slow-link lab. `client_options` go to this process's own CoordinatorClient (e.g.
+        `operator_token`, `tls_ca_file` when the coordinator has auth or TLS on); `worker_defaults` go
+        into every worker's settings (e.g. its join `token` and `tls_ca_file`)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run = run or {}
@@ -68,6 +74,8 @@ class LocalCluster:
         self.coordinator_settings = {"port": 0, "http_port": free_port(), **(coordinator or {})}
         self.worker_threads = worker_threads
         self.wrap = wrap
+        self.client_options = client_options or {}
+        self.worker_defaults = worker_defaults or {}
         self.address = ""
         self.http_address = ""  # host:port of the dashboard and /metrics; empty when turned off
         self.coordinator: subprocess.Popen[bytes] | None = None
@@ -116,7 +124,9 @@ class LocalCluster:
         self.http_address = announced.get("http_address", "")
         if self._client is not None:
             self._client.close()
-        self._client = CoordinatorClient(status_address or self.address, timeout_s=10.0)
+        self._client = CoordinatorClient(
+            status_address or self.address, timeout_s=10.0, **self.client_options
+        )
         return self.address
 
     def start_worker(self, name: str, extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
@@ -126,6 +136,7 @@ class LocalCluster:
             "name": name,
             "torch_threads": self.worker_threads,
             "identity_file": str(self.workdir / f"{name}.id"),
+            **self.worker_defaults,
             **(extra or {}),
         }
         write_toml(config, {"worker": settings})

@@ -6,6 +6,12 @@ pick an outer learning rate or sweep H quickly; measure bytes and wall time on a
 Data: worker w trains in round r on the (r·W + w)-th shard of the data ledger's seeded permutation,
 read front to back, as a real run's ledger hands them out (neighbouring shards hold neighbouring
 files, so taking them in order would make every round's data far from i.i.d.).
+
+Trust experiments: `attacks` makes some workers hostile (a float scales their Δ, e.g. -10 poisons;
+"zero" and "random" are lazy workers), `absent` leaves workers out entirely (the honest-only
+baseline with the same data for the others), and the average of each span is taken chunk by chunk
+with the reducer's own rules (`averaging.robust`: norm-outlier bound and `spec.aggregation`), over the
+same span layout as the data plane.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 
 import torch
 
 from antorcha.averaging.codecs import roundtrip
+from antorcha.averaging.robust import AggregationPolicy, aggregate, norm_outliers
+from antorcha.averaging.spans import CHUNK_ELEMENTS
 from antorcha.config import RunSpec
 from antorcha.coordinator.ledger import DataLedger
 from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, eval_batches, evaluate, load_stdlib_corpus
@@ -63,8 +72,52 @@ def _quantise(codec: str, vector: torch.Tensor, spans: list[tuple[int, int]]) ->
     return out
 
 
-def simulate(spec: RunSpec, workers: int, rounds: int, *, eval_every: int = 1) -> SimulationResult:
-    """Run `rounds` DiLoCo rounds of `workers` workers with `spec` and return the eval-loss curve."""
+Attack = float | str  # a scale factor for Δ, or "zero" / "random"
+
+
+def _attacked(delta: torch.Tensor, attack: Attack, seed: int) -> torch.Tensor:
+    if attack == "zero":
+        return torch.zeros_like(delta)
+    if attack == "random":  # noise with the honest Δ's norm: a lazy worker hiding from the norm check
+        noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(seed))
+        return noise * (torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(noise))
+    return torch.mul(delta, float(attack))
+
+
+def reduce_like_the_data_plane(
+    policy: AggregationPolicy,
+    sent: list[torch.Tensor],
+    weights: list[float],
+    spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """What the reducers compute: per span, per chunk, drop norm outliers and aggregate the rest."""
+    out = torch.zeros_like(sent[0])
+    for lo, hi in spans:
+        for start in range(lo, hi, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, hi)
+            parts = {i: v[start:stop] for i, v in enumerate(sent)}
+            norms = {str(i): float(torch.linalg.vector_norm(v)) for i, v in parts.items()}
+            dropped = {int(i) for i in norm_outliers(norms, policy.norm_outlier_k)}
+            kept = [i for i in parts if i not in dropped]
+            out[start:stop] = aggregate(policy, [parts[i] for i in kept], [weights[i] for i in kept])
+    return out
+
+
+def simulate(
+    spec: RunSpec,
+    workers: int,
+    rounds: int,
+    *,
+    eval_every: int = 1,
+    attacks: Mapping[int, Attack] | None = None,
+    absent: frozenset[int] = frozenset(),
+) -> SimulationResult:
+    """Run `rounds` DiLoCo rounds of `workers` workers with `spec` and return the eval-loss curve.
+    Workers in `attacks` send a corrupted Δ every round; workers in `absent` take no part."""
+    attacks = attacks or {}
+    policy = AggregationPolicy(
+        spec.aggregation, spec.norm_outlier_k, spec.clip_iterations, spec.trim_fraction
+    )
     started = time.perf_counter()
     corpus = load_stdlib_corpus(spec.corpus_max_bytes)
     tokens_per_round = spec.inner_steps * spec.tokens_per_step
@@ -87,22 +140,28 @@ def simulate(spec: RunSpec, workers: int, rounds: int, *, eval_every: int = 1) -
         workers, rounds, spec.inner_steps, spec.codec, spec.error_feedback, spec.outer_lr, 0, initial, initial
     )
     for r in range(rounds):
-        total = torch.zeros_like(theta)
+        sent_by_worker: list[torch.Tensor] = []
         for w in range(workers):
+            if w in absent:
+                continue
             layout.load_into(replicas[w], theta)
             readers[w].start(order[(r * workers + w) % num_shards])
             trainers[w].sampler = readers[w]
             trainers[w].run(spec.inner_steps)
             outgoing = torch.sub(theta, layout.flatten(replicas[w]))
+            if w in attacks:
+                outgoing = _attacked(outgoing, attacks[w], seed=r * workers + w)
             if spec.error_feedback:
                 outgoing.add_(residuals[w])
             sent = _quantise(spec.codec, outgoing, spans)
             if spec.error_feedback:
                 residuals[w] = outgoing - sent
-            total.add_(sent)  # equal tokens per worker: the token-weighted mean is the plain mean
-        average = _quantise(spec.codec, total / workers, spans)
+            sent_by_worker.append(sent)
+        # Equal tokens per worker: every weight is the same.
+        reduced = reduce_like_the_data_plane(policy, sent_by_worker, [1.0] * len(sent_by_worker), spans)
+        average = _quantise(spec.codec, reduced, spans)
         outer.step(theta, average)
-        result.tokens += workers * tokens_per_round
+        result.tokens += len(sent_by_worker) * tokens_per_round
         if (r + 1) % eval_every == 0 or r == rounds - 1:
             layout.load_into(global_model, theta)
             loss = evaluate(global_model, evals_data)

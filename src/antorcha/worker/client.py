@@ -4,6 +4,10 @@ Every call has a deadline. Transient failures (coordinator restarting, network b
 with exponential backoff and jitter, and raise `CoordinatorUnreachableError` once the call's patience
 is spent; refusals (bad version, unknown or evicted worker) raise `CoordinatorRefusedError` at once
 with the coordinator's message. `on_bytes(plane, sent, received)` is told the size of every message.
+
+Auth: Join sends the join token and the public key of a fresh session key pair; every later worker call
+carries the session id and a signature (`antorcha.security.signing`); operator calls carry the operator
+token. With `tls` (or a CA file) the channel is TLS.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from antorcha.averaging.base import AveragingGroup, PeerDescriptor
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
 from antorcha.proto.antorcha.v1 import coordinator_pb2_grpc as pb_grpc
 from antorcha.protocol import DeviceInfo, Progress, device_to_pb, group_from_pb, peer_to_pb, progress_to_pb
+from antorcha.security.signing import OPERATOR_KEY, SessionKey
+from antorcha.security.tls import channel_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +38,14 @@ _TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+# Answers that retrying cannot change: who we are is not accepted.
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -109,18 +123,33 @@ class CoordinatorClient:
         timeout_s: float = 30.0,
         max_message_bytes: int = 8 * 1024 * 1024,
         on_bytes: Callable[[str, int, int], None] | None = None,
+        *,
+        tls: bool = False,
+        tls_ca_file: str = "",
+        operator_token: str = "",
     ) -> None:
         self.address, self.timeout_s = address, timeout_s
         self.on_bytes = on_bytes
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.keepalive_time_ms", 20_000),
-            ],
-        )
+        self.operator_token = operator_token
+        self.session = SessionKey()
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+        ]
+        if tls or tls_ca_file:
+            self.channel = grpc.secure_channel(address, channel_credentials(tls_ca_file), options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def _signed(self, method: str, request: Message) -> list[tuple[str, str]]:
+        """Session metadata for a worker call (empty before Join or when the coordinator runs without auth).
+        Signed over the exact bytes gRPC sends: our requests have no map fields, so encoding is stable."""
+        return self.session.metadata(method, request.SerializeToString())
+
+    def _operator_metadata(self) -> list[tuple[str, str]]:
+        return [(OPERATOR_KEY, f"Bearer {self.operator_token}")] if self.operator_token else []
 
     def close(self) -> None:
         self.channel.close()
@@ -176,11 +205,16 @@ class CoordinatorClient:
             device=device_to_pb(device),
             peer=peer_to_pb(peer),
             token=token,
+            session_public_key=self.session.public_bytes,
         )
+        sent_at = time.time()
         r = self._call(
             lambda: self.stub.Join(request, timeout=self.timeout_s, wait_for_ready=True), "join", 120.0
         )
         self._count(request, r)
+        self.session.session_id = r.session_id
+        if r.server_time_unix:  # time stamps of signed calls must match the coordinator's clock
+            self.session.clock_offset_s = r.server_time_unix - (sent_at + time.time()) / 2
         return JoinInfo(
             r.worker_id,
             r.run_id,
@@ -195,7 +229,9 @@ class CoordinatorClient:
     def heartbeat(self, worker_id: str, progress: Progress) -> tuple[str, int, str]:
         request = pb.HeartbeatRequest(worker_id=worker_id, progress=progress_to_pb(progress))
         try:
-            r = self.stub.Heartbeat(request, timeout=self.timeout_s)
+            r = self.stub.Heartbeat(
+                request, timeout=self.timeout_s, metadata=self._signed("Heartbeat", request)
+            )
         except grpc.RpcError as e:
             if e.code() not in _TRANSIENT:  # type: ignore[attr-defined]
                 raise CoordinatorRefusedError(e.code(), e.details()) from None  # type: ignore[attr-defined]
@@ -205,7 +241,9 @@ class CoordinatorClient:
 
     def leave(self, worker_id: str, reason: str) -> None:
         request = pb.LeaveRequest(worker_id=worker_id, reason=reason)
-        self._count(request, self.stub.Leave(request, timeout=5.0))
+        self._count(
+            request, self.stub.Leave(request, timeout=5.0, metadata=self._signed("Leave", request))
+        )
 
     def report_round(
         self,
@@ -217,6 +255,7 @@ class CoordinatorClient:
         loss: float,
         seconds: float,
         wait_s: float,
+        pseudo_gradient_norm: float = 0.0,
     ) -> GroupAnswer:
         request = pb.ReportRoundRequest(
             worker_id=worker_id,
@@ -225,8 +264,15 @@ class CoordinatorClient:
             inner_steps=inner_steps,
             train_loss=loss,
             compute_seconds=seconds,
+            pseudo_gradient_norm=pseudo_gradient_norm,
         )
-        r = self._call(lambda: self.stub.ReportRound(request, timeout=wait_s), "report", wait_s)
+        r = self._call(
+            lambda: self.stub.ReportRound(
+                request, timeout=wait_s, metadata=self._signed("ReportRound", request)
+            ),
+            "report",
+            wait_s,
+        )
         self._count(request, r)
         group = group_from_pb(r.group) if r.HasField("group") else None
         return GroupAnswer(r.accepted, r.reason, group, r.next_round)
@@ -250,13 +296,25 @@ class CoordinatorClient:
             averaging_seconds=seconds,
             failed_spans=failed_spans,
         )
-        r = self._call(lambda: self.stub.CommitRound(request, timeout=wait_s), "commit", wait_s)
+        r = self._call(
+            lambda: self.stub.CommitRound(
+                request, timeout=wait_s, metadata=self._signed("CommitRound", request)
+            ),
+            "commit",
+            wait_s,
+        )
         self._count(request, r)
         return CommitAnswer(_INSTRUCTIONS.get(r.instruction, "continue"), r.reason, r.next_round)
 
     def lease_data(self, worker_id: str, round_: int, index: int = 0) -> DataLease:
         request = pb.LeaseDataRequest(worker_id=worker_id, round=round_, index=index)
-        r = self._call(lambda: self.stub.LeaseData(request, timeout=self.timeout_s), "lease", 120.0)
+        r = self._call(
+            lambda: self.stub.LeaseData(
+                request, timeout=self.timeout_s, metadata=self._signed("LeaseData", request)
+            ),
+            "lease",
+            120.0,
+        )
         self._count(request, r)
         return DataLease(
             r.shard,
@@ -280,9 +338,10 @@ class CoordinatorClient:
             request.rounds_since = rounds_since
         if rounds_limit is not None:
             request.rounds_limit = rounds_limit
-        return self.stub.GetRunStatus(request, timeout=timeout_s or self.timeout_s)
+        metadata = self._operator_metadata() or self._signed("GetRunStatus", request)
+        return self.stub.GetRunStatus(request, timeout=timeout_s or self.timeout_s, metadata=metadata)
 
-    # ---- operator RPCs (the auth issue adds an operator token to their metadata) --------------
+    # ---- operator RPCs (with the operator token in their metadata) ------------------------------
 
     def pause(self, reason: str = "") -> pb.OperatorResponse:
         return self._operator(self.stub.Pause, pb.PauseRequest(reason=reason))
@@ -295,7 +354,7 @@ class CoordinatorClient:
 
     def _operator(self, method: Callable[..., pb.OperatorResponse], request: Message) -> pb.OperatorResponse:
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._operator_metadata())
         except grpc.RpcError as e:
             code = e.code()  # type: ignore[attr-defined]
             if code in _TRANSIENT:
@@ -318,7 +377,8 @@ class CoordinatorClient:
         for attempt in range(attempts):
             request = pb.GetStateRequest(worker_id=worker_id, min_round=min_round, offset=len(buf))
             try:
-                for chunk in self.stub.GetState(request, timeout=wait_s):
+                metadata = self._signed("GetState", request)
+                for chunk in self.stub.GetState(request, timeout=wait_s, metadata=metadata):
                     if digest and chunk.state_sha256 != digest:  # a newer state replaced it: start over
                         buf.clear()
                         digest = ""
@@ -344,6 +404,8 @@ class CoordinatorClient:
                     return StateDownload(round_, bytes(buf), checksum, wire)
                 raise StateDownloadError(f"state incomplete or corrupt ({len(buf)}/{total} bytes)")
             except (grpc.RpcError, StateDownloadError) as e:
+                if isinstance(e, grpc.RpcError) and e.code() in _REFUSALS:  # type: ignore[attr-defined]
+                    raise CoordinatorRefusedError(e.code(), e.details()) from None  # type: ignore[attr-defined]
                 if isinstance(e, StateDownloadError) and len(buf) == total:
                     buf.clear()  # complete but wrong: the whole thing is suspect
                 log.warning("state download attempt %d failed: %s", attempt + 1, e)

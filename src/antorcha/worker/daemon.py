@@ -29,18 +29,26 @@ import torch
 
 from antorcha.averaging.base import AllReduceResult
 from antorcha.averaging.hivemind_backend import HivemindBackend
+from antorcha.averaging.robust import AggregationPolicy
 from antorcha.config import RunSpec, WorkerSettings
-from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, load_stdlib_corpus
+from antorcha.data import ShardReader
+from antorcha.data.source import load_run_data
 from antorcha.diloco.inner import InnerStats, InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
 from antorcha.diloco.state import GlobalState, decode_state
-from antorcha.model import build_model
+from antorcha.model.factory import build_run_model
 from antorcha.netem.links import parse_link
 from antorcha.netem.pacer import LinkPacer
 from antorcha.protocol import Progress
-from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, DataLease, JoinInfo
+from antorcha.worker.client import (
+    CoordinatorClient,
+    CoordinatorRefusedError,
+    CoordinatorUnreachableError,
+    DataLease,
+    JoinInfo,
+)
 from antorcha.worker.device import describe, pick_device
 from antorcha.worker.faults import FaultPlan
 from antorcha.worker.observe import WorkerObserver
@@ -155,12 +163,22 @@ class Worker:
         log.info("connecting to the coordinator at %s", s.coordinator)
         # Discover the bootstrap peers on a short-lived channel, then start hivemind (which forks).
         probe = CoordinatorClient(
-            s.coordinator, min(s.rpc_timeout_s, s.connect_timeout_s), on_bytes=self.observer.bytes
+            s.coordinator,
+            min(s.rpc_timeout_s, s.connect_timeout_s),
+            on_bytes=self.observer.bytes,
+            tls=s.tls,
+            tls_ca_file=s.tls_ca_file,
         )
         try:
             discovered = probe.discover(patience_s=s.connect_timeout_s)
         finally:
             probe.close()
+        if discovered.tokens_required and not s.token:
+            raise CoordinatorRefusedError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the coordinator at {s.coordinator} needs a join token: set [worker] token "
+                "(or ANTORCHA_WORKER__TOKEN) to the token the operator gave you",
+            )
         backend = HivemindBackend(
             initial_peers=list(discovered.bootstrap_maddrs),
             host_maddrs=s.p2p_host_maddrs,
@@ -170,15 +188,50 @@ class Worker:
         )
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        client = CoordinatorClient(s.coordinator, s.rpc_timeout_s, on_bytes=self.observer.bytes)
+        client = CoordinatorClient(
+            s.coordinator, s.rpc_timeout_s, on_bytes=self.observer.bytes, tls=s.tls, tls_ca_file=s.tls_ca_file
+        )
         try:
             self.observer.start()  # after hivemind forked: its processes must not inherit the metrics socket
-            session = TrainingSession(self, client, backend, pick_device(s.device))
-            return session.run()
+            device = pick_device(s.device)
+            finished = ""  # the run this worker last trained to its end
+            idle = not discovered.run_active and discovered.serves_queue  # an idle fleet: wait for a run
+            if idle and not self._wait_for_next_run(client, discovered.run_id):
+                return 0
+            while True:
+                session = TrainingSession(self, client, backend, device)
+                code = session.run()
+                if code != 0 or self.stop_signal.is_set():
+                    return code
+                finished = session.spec.run_id
+                if not self._wait_for_next_run(client, finished):
+                    return 0
         finally:
             client.close()
             backend.close()
             self.observer.close()
+
+
+    def _wait_for_next_run(self, client: CoordinatorClient, finished: str) -> bool:
+        """After a run ended: True once the coordinator trains another run (join it, same process);
+        False when it serves no queue (nothing more to do: exit), or stops answering, or on SIGTERM."""
+        said = False
+        while not self.stop_signal.is_set():
+            try:
+                found = client.discover(patience_s=min(30.0, self.settings.connect_timeout_s))
+            except CoordinatorUnreachableError:
+                log.info("the coordinator is gone after run %s ended; exiting", finished)
+                return False
+            if found.run_active and found.run_id != finished:
+                log.info("run %s ended; joining the next run %s", finished, found.run_id)
+                return True
+            if not found.serves_queue:
+                return False
+            if not said:
+                log.info("run %s ended; waiting for the coordinator's next run", finished)
+                said = True
+            self.stop_signal.wait(2.0)
+        return False
 
 
 class TrainingSession:
@@ -198,17 +251,32 @@ class TrainingSession:
             raise RuntimeError(
                 "run spec hash mismatch: the worker and coordinator disagree on the spec format"
             )
-        corpus = load_stdlib_corpus(spec.corpus_max_bytes)
-        self.model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
+        settings = worker.settings
+        data = load_run_data(spec)  # the same tokens as the coordinator's: same spec, same function
+        corpus = data.corpus
+        self.model = build_run_model(
+            spec, data.vocab_size, activation_checkpointing=settings.activation_checkpointing
+        ).to(device)
         self.layout = ParamLayout.of(self.model)
         self.faults = FaultPlan.parse(worker.settings.fault_plan)
+        # Our reducer aggregates its span as the run spec says (robust aggregation, norm bound).
+        backend.policy = AggregationPolicy(
+            spec.aggregation, spec.norm_outlier_k, spec.clip_iterations, spec.trim_fraction
+        )
         self.state = self._download(min_round=info.round)
         self.outer = OuterOptimizer(
             spec.outer_lr, spec.outer_momentum, spec.outer_nesterov, self.state.momentum
         )
         self.corpus = corpus
         self.reader: ShardReader | None = None
-        self.trainer = InnerTrainer(self.model, spec, None, device)
+        self.trainer = InnerTrainer(
+            self.model,
+            spec,
+            None,
+            device,
+            precision=settings.precision,
+            micro_batch_size=settings.micro_batch_size,
+        )
         self._averager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="averaging")
         self.pending: PendingAverage | None = None
         # Error feedback: what quantisation left out of the last pseudo-gradient we sent.
@@ -296,7 +364,9 @@ class TrainingSession:
                         self.heartbeat.refusal = e
                         self.heartbeat.stop_requested.set()
                         break
-                    if e.code != grpc.StatusCode.NOT_FOUND:
+                    # Unknown worker, or a session that expired (e.g. a long pause): join again with
+                    # the token; a revoked token is refused at that Join and the worker exits.
+                    if e.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
                         raise
                     log.warning("the coordinator no longer knows this worker (%s); rejoining", e)
                     self.heartbeat.lost_lease.set()
@@ -396,7 +466,7 @@ class TrainingSession:
                 left = lease.steps - step
                 if not lease.last:
                     left = max(left, self.spec.inner_steps - at)
-                step_tokens = self.spec.tokens_per_step
+                step_tokens = self.trainer.last_step_tokens  # counted from the batch it trained
                 step_s = self.trainer.last_step_seconds * slowdown  # what the emulated device takes
                 rate = observer.step(round_, at, loss, step_s, step_tokens, left)
                 self.heartbeat.progress = Progress(round_, at, seen, loss, rate)
@@ -445,17 +515,30 @@ class TrainingSession:
                 return "stop"
             if instruction == "resync" and self.state.round != round_:
                 return "resync"  # the global state moved past this round; its training is stale
-        answer = self.client.report_round(
-            worker_id=self.worker_id,
-            round_=round_,
-            tokens=stats.tokens,
-            inner_steps=stats.steps,
-            loss=stats.mean_loss,
-            seconds=stats.seconds,
-            wait_s=spec.round_deadline_s + 30,
-        )
-        if answer.accepted and answer.group is not None and self.faults.fire(round_, "report"):
-            outgoing[0] = float("nan")  # the "nan" action: a buggy or hostile peer's pseudo-gradient
+        try:
+            outgoing, claimed, norm = self._apply_report_faults(round_, outgoing, stats.tokens)
+        except BadPseudoGradientError as e:
+            log.error("round=%d %s; resetting to the global state", round_, e)
+            self._restart_from_global()
+            return "continue"
+        try:
+            answer = self.client.report_round(
+                worker_id=self.worker_id,
+                round_=round_,
+                tokens=claimed,
+                inner_steps=stats.steps,
+                loss=stats.mean_loss,
+                seconds=stats.seconds,
+                wait_s=spec.round_deadline_s + 30,
+                pseudo_gradient_norm=norm,
+            )
+        except CoordinatorRefusedError as e:
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # Our report itself was refused (e.g. an impossible token claim): we sit this round out.
+            log.error("round=%d report refused: %s; resyncing to round %d", round_, e, round_ + 1)
+            self._resync(round_ + 1)
+            return "resync"
         if not answer.accepted or answer.group is None:
             log.warning(
                 "round=%d not averaged: %s; resyncing to round %d", round_, answer.reason, answer.next_round
@@ -480,6 +563,40 @@ class TrainingSession:
             self._restart_from_global()
         return instruction
 
+    def _apply_report_faults(
+        self, round_: int, outgoing: torch.Tensor, tokens: int
+    ) -> tuple[torch.Tensor, int, float]:
+        """The Δ to send, the tokens to claim and the ‖Δ‖ to declare: the honest ones, unless the fault
+        plan makes this worker hostile or broken this round (tests of the trust checks)."""
+        norm = float(torch.linalg.vector_norm(outgoing))
+        faults = self.faults.fire_all(round_, "report")
+        self.backend.tamper_chunk = None
+        for fault in faults:
+            if fault.action == "nan":
+                outgoing = outgoing.clone()
+                outgoing[0] = float("nan")
+            elif fault.action == "scale":
+                outgoing = torch.mul(outgoing, fault.factor)
+            elif fault.action == "zero":
+                outgoing = torch.zeros_like(outgoing)
+            elif fault.action == "random":
+                noise = torch.randn(outgoing.shape, generator=torch.Generator().manual_seed(round_))
+                outgoing = noise * (norm / float(torch.linalg.vector_norm(noise)))
+            elif fault.action == "shape":
+                self.backend.tamper_chunk = lambda values: values[:-1]  # every chunk one element short
+            elif fault.action == "claim_tokens":
+                tokens = int(tokens * fault.factor)
+            if fault.declared:
+                norm = float(torch.linalg.vector_norm(outgoing))
+        if not faults and (
+            outgoing.shape != self.state.params.shape or not bool(torch.isfinite(outgoing).all())
+        ):
+            # Never send a broken Δ (the pseudo-gradient was checked; this guards the residual too).
+            raise BadPseudoGradientError(
+                f"round {round_}: the pseudo-gradient to send is not finite or wrong-shaped"
+            )
+        return outgoing, tokens, norm
+
     def _nothing_trained(self, round_: int) -> str:
         """The coordinator gave no shard of `round_` (it ends the run, or the round is averaging or
         closed without us): finish what is pending, then catch up instead of reporting an empty round."""
@@ -501,6 +618,12 @@ class TrainingSession:
         spec, round_ = self.spec, pending.round
         result = pending.future.result()
         averaged_at = time.monotonic()
+        average = result.average
+        if average.shape != self.state.params.shape or not bool(torch.isfinite(average).all()):
+            # A broken average never reaches the model: drop it and take θ_{r+1} from the coordinator.
+            log.error("round=%d received average is non-finite or wrong-shaped; resyncing", round_)
+            self._resync(round_ + 1)
+            return "resync"
         if self.spec.error_feedback and result.sent is not None and pending.stats.tokens:
             self.residual = pending.outgoing - result.sent
         self.outer.step(self.state.params, result.average)

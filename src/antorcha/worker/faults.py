@@ -7,6 +7,13 @@ comes from the worker setting `fault_plan` (JSON), e.g.
 before averaging), allreduce (after the first chunk exchange), commit (after the outer step, before
 CommitRound), download (cut the state stream after `bytes` bytes). Actions: kill (SIGKILL itself,
 like `kill -9`), stall (sleep `seconds`), nan (poison the pseudo-gradient it sends), cut (download only).
+
+Hostile or broken pseudo-gradients and claims (phase report; they fire before ReportRound, so several
+may fire in one round, see `fire_all`): nan (one NaN), scale (Δ × `factor`, e.g. -10: poisoning),
+zero (a lazy worker: Δ = 0), random (noise of Δ's norm: a lazy worker hiding), shape (every chunk it
+sends on the data plane is one element short), claim_tokens (report `factor` × its tokens). With
+`declared` the norm it declares in ReportRound is that of the corrupted Δ (a buggy worker); without,
+that of its real Δ (a lying one). `repeat` fires the fault at `round` and every later round.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 log = logging.getLogger(__name__)
 
 Phase = Literal["train", "report", "allreduce", "commit", "download"]
-Action = Literal["kill", "stall", "nan", "cut"]
+Action = Literal["kill", "stall", "nan", "cut", "scale", "zero", "random", "shape", "claim_tokens"]
+# Actions that rewrite the pseudo-gradient the worker sends.
+DELTA_ACTIONS = frozenset({"nan", "scale", "zero", "random"})
 
 
 class Fault(BaseModel):
@@ -36,6 +45,13 @@ class Fault(BaseModel):
     step: int = Field(0, ge=0, description="train: fire before this inner step")
     seconds: float = Field(0.0, ge=0, description="stall: how long")
     bytes: int = Field(0, ge=0, description="download/cut: after how many bytes")
+    factor: float = Field(1.0, description="scale: multiply Δ by this; claim_tokens: multiply the tokens")
+    declared: bool = Field(False, description="declare the corrupted Δ's norm (else the real one's)")
+    repeat: bool = Field(False, description="fire at `round` and at every later round")
+
+    def matches(self, round_: int, phase: Phase, step: int = 0) -> bool:
+        at = self.round <= round_ if self.repeat else self.round == round_
+        return at and self.phase == phase and (phase != "train" or self.step == step)
 
 
 @dataclass
@@ -50,9 +66,17 @@ class FaultPlan:
 
     def find(self, round_: int, phase: Phase, step: int = 0) -> Fault | None:
         for fault in self.faults:
-            if fault.round == round_ and fault.phase == phase and (phase != "train" or fault.step == step):
+            if fault.matches(round_, phase, step):
                 return fault
         return None
+
+    def fire_all(self, round_: int, phase: Phase) -> list[Fault]:
+        """Every fault due at (round, phase), for the caller to apply (kill and stall are carried out)."""
+        fired = []
+        while (fault := self.find(round_, phase)) is not None and fault not in fired:
+            fired.append(fault)
+            self.fire(round_, phase)
+        return fired
 
     def fire(self, round_: int, phase: Phase, step: int = 0) -> Fault | None:
         """Carry out kill and stall here; return the fault for actions the caller must apply."""
@@ -65,5 +89,9 @@ class FaultPlan:
             os.kill(os.getpid(), signal.SIGKILL)
         if fault.action == "stall":
             time.sleep(fault.seconds)
-        self.faults.remove(fault)  # each fault fires once
+        if not fault.repeat:
+            self.faults.remove(fault)  # each fault fires once
+        else:  # stays for later rounds; move it last so that the next fault due now is found
+            self.faults.remove(fault)
+            self.faults.append(fault)
         return fault

@@ -47,19 +47,25 @@ class DiscoverRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class DiscoverResponse(_message.Message):
-    __slots__ = ("protocol_version", "software_version", "run_id", "bootstrap_maddrs")
+    __slots__ = ("protocol_version", "software_version", "run_id", "bootstrap_maddrs", "tokens_required", "run_active", "serves_queue")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    RUN_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SERVES_QUEUE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     software_version: str
     run_id: str
     bootstrap_maddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., run_id: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    tokens_required: bool
+    run_active: bool
+    serves_queue: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., run_id: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ..., tokens_required: _Optional[bool] = ..., run_active: _Optional[bool] = ..., serves_queue: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "software_version", "name", "worker_id", "device", "peer", "token")
+    __slots__ = ("protocol_version", "software_version", "name", "worker_id", "device", "peer", "token", "session_public_key")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +73,7 @@ class JoinRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     software_version: str
     name: str
@@ -74,10 +81,11 @@ class JoinRequest(_message.Message):
     device: DeviceInfo
     peer: PeerInfo
     token: str
-    def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., name: _Optional[str] = ..., worker_id: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+    session_public_key: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., name: _Optional[str] = ..., worker_id: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., token: _Optional[str] = ..., session_public_key: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "run_id", "run_spec_json", "run_spec_sha256", "bootstrap_maddrs", "round", "state_checksum")
+    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "run_id", "run_spec_json", "run_spec_sha256", "bootstrap_maddrs", "round", "state_checksum", "session_id", "session_ttl_seconds", "server_time_unix")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +95,9 @@ class JoinResponse(_message.Message):
     BOOTSTRAP_MADDRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_seconds: float
     heartbeat_interval_seconds: float
@@ -96,7 +107,10 @@ class JoinResponse(_message.Message):
     bootstrap_maddrs: _containers.RepeatedScalarFieldContainer[str]
     round: int
     state_checksum: str
-    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., run_spec_sha256: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., state_checksum: _Optional[str] = ...) -> None: ...
+    session_id: str
+    session_ttl_seconds: float
+    server_time_unix: float
+    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., run_spec_sha256: _Optional[str] = ..., bootstrap_maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., state_checksum: _Optional[str] = ..., session_id: _Optional[str] = ..., session_ttl_seconds: _Optional[float] = ..., server_time_unix: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("round", "inner_step", "tokens", "loss", "tokens_per_second")
@@ -121,16 +135,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("instruction", "round", "lease_seconds", "reason")
+    __slots__ = ("instruction", "round", "lease_seconds", "reason", "session_ttl_seconds")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     round: int
     lease_seconds: float
     reason: str
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    session_ttl_seconds: float
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., session_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "reason")
@@ -145,20 +161,22 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportRoundRequest(_message.Message):
-    __slots__ = ("worker_id", "round", "tokens", "inner_steps", "train_loss", "compute_seconds")
+    __slots__ = ("worker_id", "round", "tokens", "inner_steps", "train_loss", "compute_seconds", "pseudo_gradient_norm")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_GRADIENT_NORM_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
     tokens: int
     inner_steps: int
     train_loss: float
     compute_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., tokens: _Optional[int] = ..., inner_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    pseudo_gradient_norm: float
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., tokens: _Optional[int] = ..., inner_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., pseudo_gradient_norm: _Optional[float] = ...) -> None: ...
 
 class GroupMember(_message.Message):
     __slots__ = ("peer_id", "maddrs", "weight", "reduce_fraction", "worker_id")
@@ -421,3 +439,51 @@ class OperatorResponse(_message.Message):
     changed: bool
     message: str
     def __init__(self, changed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SubmitRunRequest(_message.Message):
+    __slots__ = ("run_spec_json",)
+    RUN_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    run_spec_json: str
+    def __init__(self, run_spec_json: _Optional[str] = ...) -> None: ...
+
+class RunEntry(_message.Message):
+    __slots__ = ("run_id", "state", "position", "submitted_unix", "started_unix", "finished_unix", "detail", "summary_json", "run_spec_json")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    RUN_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    state: str
+    position: int
+    submitted_unix: float
+    started_unix: float
+    finished_unix: float
+    detail: str
+    summary_json: str
+    run_spec_json: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., position: _Optional[int] = ..., submitted_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., detail: _Optional[str] = ..., summary_json: _Optional[str] = ..., run_spec_json: _Optional[str] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunList(_message.Message):
+    __slots__ = ("runs", "current_run_id")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunEntry]
+    current_run_id: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunEntry, _Mapping]]] = ..., current_run_id: _Optional[str] = ...) -> None: ...
+
+class CancelRunRequest(_message.Message):
+    __slots__ = ("run_id", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

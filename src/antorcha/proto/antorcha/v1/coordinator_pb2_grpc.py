@@ -94,6 +94,21 @@ class CoordinatorStub:
                 request_serializer=antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.SerializeToString,
                 response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
                 _registered_method=True)
+        self.SubmitRun = channel.unary_unary(
+                '/antorcha.v1.Coordinator/SubmitRun',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.SubmitRunRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.RunEntry.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/antorcha.v1.Coordinator/ListRuns',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.RunList.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/antorcha.v1.Coordinator/CancelRun',
+                request_serializer=antorcha_dot_v1_dot_coordinator__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -170,8 +185,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Operator RPCs. No authentication yet: a later protocol step requires an operator token in the
-        call's metadata (the coordinator's hook for it is antorcha.coordinator.operator).
+        """Operator RPCs. When the coordinator's auth is on, each needs an operator token in the call's
+        metadata (`authorization: Bearer ant_...`, made with `antorcha token create --operator`).
 
         Stop opening rounds: the round in flight finishes (trains, averages, commits), the next one does
         not open; workers asking for data are told to wait. Idempotent.
@@ -191,6 +206,31 @@ class CoordinatorServicer:
         """Remove a worker from the run for good: its lease and data shards are released, and every call it
         makes afterwards (heartbeats included, and Join with its id) is refused with PERMISSION_DENIED and
         the reason, which makes the worker exit. Kept across coordinator restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRun(self, request, context):
+        """The run queue: a coordinator trains one run at a time, then the next queued one; connected
+        workers move to it without a restart. Submitting and cancelling are operator calls.
+
+        Queue a run (its spec as RunSpec JSON). Refused with INVALID_ARGUMENT when the spec does not
+        validate, ALREADY_EXISTS when a run with its run_id was ever queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Every run the coordinator knows: finished, running and queued, in queue order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """A queued run is dropped; a running run finishes the round in flight (checkpointed), then ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +297,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'Evict': grpc.unary_unary_rpc_method_handler(
                     servicer.Evict,
                     request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.SerializeToString,
+            ),
+            'SubmitRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRun,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.SubmitRunRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.RunEntry.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.ListRunsRequest.FromString,
+                    response_serializer=antorcha_dot_v1_dot_coordinator__pb2.RunList.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=antorcha_dot_v1_dot_coordinator__pb2.CancelRunRequest.FromString,
                     response_serializer=antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.SerializeToString,
             ),
     }
@@ -583,6 +638,87 @@ class Coordinator:
             target,
             '/antorcha.v1.Coordinator/Evict',
             antorcha_dot_v1_dot_coordinator__pb2.EvictRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/SubmitRun',
+            antorcha_dot_v1_dot_coordinator__pb2.SubmitRunRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.RunEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/ListRuns',
+            antorcha_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
+            antorcha_dot_v1_dot_coordinator__pb2.RunList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/antorcha.v1.Coordinator/CancelRun',
+            antorcha_dot_v1_dot_coordinator__pb2.CancelRunRequest.SerializeToString,
             antorcha_dot_v1_dot_coordinator__pb2.OperatorResponse.FromString,
             options,
             channel_credentials,
