@@ -40,12 +40,8 @@ RUN: dict[str, Any] = {
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Inherited by the coordinator and worker processes (LocalCluster passes os.environ on).
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("ANTORCHA_DATA_CACHE_DIR", str(tmp_path / "token-cache"))
+def _offline(hf_offline: None) -> None:
+    """Every test here runs with the Hugging Face libraries offline (see tests/conftest.py)."""
 
 
 def _texts(count: int = 400) -> list[str]:

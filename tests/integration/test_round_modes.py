@@ -27,6 +27,7 @@ BASE = {
     "eval_batches": 4,
 }
 TOKENS_PER_STEP = 8 * 64
+SHARD_TOKENS = 2 * TOKENS_PER_STEP  # shard_steps = 2 in the budget run
 
 
 def _run(workdir: Path, run: dict[str, object], slowdowns: dict[str, float]) -> tuple[pb.RunStatus, dict]:
@@ -59,15 +60,19 @@ def test_a_token_budget_round_closes_at_its_budget(budget_run: tuple[pb.RunStatu
     status, _ = budget_run
     budget = 2 * 12 * TOKENS_PER_STEP  # H steps' worth per worker taking part
     assert [r.round for r in status.rounds] == [0, 1, 2]
-    assert [r.tokens for r in status.rounds] == [budget] * 3
+    # Everyone taking part trains at least one shard (the round waits for every active worker's
+    # report), so a worker still loading its state when the others used the budget up adds its one
+    # shard (seen in round 0 on a loaded machine). Otherwise a round closes exactly at its budget.
+    assert all(budget <= r.tokens <= budget + SHARD_TOKENS for r in status.rounds), status.rounds
+    assert sum(r.tokens == budget for r in status.rounds) >= 2
     assert status.replicas_consistent and all(r.replicas_consistent for r in status.rounds)
 
 
 def test_the_fast_worker_trains_more_of_the_budget(budget_run: tuple[pb.RunStatus, dict]) -> None:
-    _, summaries = budget_run
+    status, summaries = budget_run
     fast, slow = summaries["fast"], summaries["slow"]
     assert fast["rounds"] == slow["rounds"] == 3
-    assert fast["tokens"] + slow["tokens"] == 3 * 2 * 12 * TOKENS_PER_STEP
+    assert fast["tokens"] + slow["tokens"] == sum(r.tokens for r in status.rounds)
     # At a third of the speed the slow worker should get about a quarter; it gets at least one shard.
     assert fast["tokens"] >= 1.5 * slow["tokens"] > 0
     assert summaries["fast"]["round_mode"] == "token_budget"

@@ -105,6 +105,7 @@ def test_the_coordinator_spot_checks_and_evicts_a_lazy_worker(tmp_path: Path) ->
         assert not failed and not out.events_of(name, "evict"), failed
         out.rounds_agree(name, range(5))
     assert out.metric("antorcha_spot_checks_total", "result", "fail") == 2
-    assert out.metric("antorcha_spot_checks_total", "result", "pass") >= 2 * 5
+    # Checks run after a round's eval, so the last round's may land after the final scrape.
+    assert out.metric("antorcha_spot_checks_total", "result", "pass") >= 2 * 4
     assert out.metric("antorcha_excluded_workers_total", "reason", "spot_check") == 1
     assert [r.workers for r in out.status.rounds][2:] == [2, 2, 2]

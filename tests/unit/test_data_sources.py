@@ -32,11 +32,8 @@ WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "big", "r
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("ANTORCHA_DATA_CACHE_DIR", str(tmp_path / "token-cache"))
+def _offline(hf_offline: None) -> None:
+    """Every test here runs with the Hugging Face libraries offline (see tests/conftest.py)."""
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
