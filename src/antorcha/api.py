@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from antorcha.config import RunSpec
 from antorcha.proto.antorcha.v1 import coordinator_pb2 as pb
-from antorcha.worker.client import CoordinatorClient, CoordinatorRefusedError, CoordinatorUnreachableError
+from antorcha.worker.client import CoordinatorClient
 
 ENDED_STATES = {"finished", "cancelled", "failed"}
 
@@ -138,20 +136,9 @@ class Client:
         self.coordinator = CoordinatorClient(
             address, timeout_s, tls=tls, tls_ca_file=tls_ca_file, operator_token=token
         )
-        self.timeout_s = timeout_s
 
     def _rpc(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self.coordinator.stub, method)(
-                request, timeout=self.timeout_s, metadata=self.coordinator._operator_metadata()
-            )
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CoordinatorUnreachableError(
-                    f"the coordinator at {self.coordinator.address} did not answer ({code.name})"
-                ) from None
-            raise CoordinatorRefusedError(code, e.details()) from None  # type: ignore[attr-defined]
+        return self.coordinator.operator_call(getattr(self.coordinator.stub, method), request)
 
     def submit(self, spec: RunSpec | Mapping[str, Any] | str | Path) -> RunHandle:
         entry = self._rpc("SubmitRun", pb.SubmitRunRequest(run_spec_json=load_spec(spec).model_dump_json()))

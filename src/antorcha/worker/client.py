@@ -344,15 +344,16 @@ class CoordinatorClient:
     # ---- operator RPCs (with the operator token in their metadata) ------------------------------
 
     def pause(self, reason: str = "") -> pb.OperatorResponse:
-        return self._operator(self.stub.Pause, pb.PauseRequest(reason=reason))
+        return self.operator_call(self.stub.Pause, pb.PauseRequest(reason=reason))
 
     def resume(self) -> pb.OperatorResponse:
-        return self._operator(self.stub.Resume, pb.ResumeRequest())
+        return self.operator_call(self.stub.Resume, pb.ResumeRequest())
 
     def evict(self, worker_id: str, reason: str = "") -> pb.OperatorResponse:
-        return self._operator(self.stub.Evict, pb.EvictRequest(worker_id=worker_id, reason=reason))
+        return self.operator_call(self.stub.Evict, pb.EvictRequest(worker_id=worker_id, reason=reason))
 
-    def _operator(self, method: Callable[..., pb.OperatorResponse], request: Message) -> pb.OperatorResponse:
+    def operator_call(self, method: Callable[..., T], request: Message) -> T:
+        """One call with the operator token (stub method and request), errors mapped to ours."""
         try:
             return method(request, timeout=self.timeout_s, metadata=self._operator_metadata())
         except grpc.RpcError as e:
