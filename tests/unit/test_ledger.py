@@ -112,12 +112,30 @@ def test_leasing_twice_for_the_same_round_gives_the_same_lease() -> None:
 def test_a_stale_lease_of_an_earlier_round_is_replaced() -> None:
     ledger = DataLedger(10, seed=1)
     old, _ = ledger.lease("a", 0)
-    new, _ = ledger.lease("a", 1)  # round 0 never closed for a
-    assert new.round == 1
+    new, _ = ledger.lease("a", 2)  # round 0 never closed for a, and a is two rounds on
+    assert new.round == 2
     assert new.shard == old.shard, "the untrained shard is free again, first in the order"
     assert ledger.leases == {"a": [new]}
     assert ledger.complete_round(0, {"a"}) == [], "the stale lease no longer counts"
-    assert ledger.complete_round(1, {"a"}) == [TrainedShard(0, new.shard, "a", 1)]
+    assert ledger.complete_round(2, {"a"}) == [TrainedShard(0, new.shard, "a", 2)]
+
+
+def test_with_overlap_a_worker_holds_the_averaging_round_and_the_next() -> None:
+    """Round r averages while the worker trains r+1: r's shard stays leased (it is in the average) and
+    r+1 gets a different one; closing r marks r's shard trained. Dropping r's lease here once made
+    every overlapped round train the same shard again."""
+    ledger = DataLedger(10, seed=1)
+    order = ledger.order(0)
+    averaging, _ = ledger.lease("a", 0)
+    training, _ = ledger.lease("a", 1)
+    assert (averaging.shard, training.shard) == (order[0], order[1])
+    assert ledger.leases == {"a": [averaging, training]}
+    assert ledger.lease("a", 1)[0] == training, "a retried lease of r+1 is the same"
+    assert ledger.complete_round(0, {"a"}) == [TrainedShard(0, order[0], "a", 0)]
+    assert ledger.leases == {"a": [training]}
+    following, _ = ledger.lease("a", 2)
+    assert following.shard == order[2]
+    assert ledger.complete_round(1, {"a"}) == [TrainedShard(0, order[1], "a", 1)]
 
 
 def test_a_released_lease_goes_to_the_next_worker() -> None:

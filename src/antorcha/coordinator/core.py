@@ -621,7 +621,10 @@ class CoordinatorCore:
         current, phase = self.rounds.round, self.rounds.phase
         if phase == Phase.FINISHED or (self.spec.max_rounds and round_ >= self.spec.max_rounds):
             return f"the run ends before round {round_}"
-        open_rounds = {current, current + 1} if phase == Phase.AVERAGING else {current}
+        # With overlap a worker reports round r in the background and trains r+1 at once, before the
+        # slowest worker has reported r: so r+1 is open from the moment r is. Without it, from r's group.
+        ahead = phase == Phase.AVERAGING or (self.spec.overlap and phase == Phase.TRAINING)
+        open_rounds = {current, current + 1} if ahead else {current}
         if round_ not in open_rounds:
             return f"round {round_} is not open (round {current} is {phase})"
         if round_ == current and phase == Phase.AVERAGING:

@@ -61,16 +61,17 @@ class DataLedger:
 
     def lease(self, worker_id: str, round_: int, index: int = 0) -> tuple[Lease, str]:
         """The `index`-th shard `worker_id` trains in `round_`; asking again gives the same one."""
-        current = self.leases.get(worker_id, [])
-        if current and current[0].round != round_:
-            current = []  # leases of an earlier round that never completed go back to the pool
+        # With overlap a worker trains round r+1 while round r averages, so it holds the leases of both
+        # until r closes. Leases of rounds before that never completed: they go back to the pool.
+        mine = [lease for lease in self.leases.get(worker_id, []) if lease.round >= round_ - 1]
+        current = [lease for lease in mine if lease.round == round_]
         if index < len(current):
             kept = current[index]
             return kept, f"{worker_id} keeps shard {kept.shard} (#{index}) for round {round_}"
         if index > len(current):
             held = len(current)
             raise ValueError(f"{worker_id} asked for shard #{index} of round {round_} but holds {held}")
-        self.leases[worker_id] = current
+        self.leases[worker_id] = mine
         self.advance_if_complete()
         # Normally a free shard of this epoch; if every one left is leased to someone else, look in the
         # following epochs rather than idle (never a shard already trained or leased in that epoch).
@@ -87,7 +88,7 @@ class DataLedger:
                 break
             epoch += 1
         lease = Lease(epoch, free[0], worker_id, round_, index)
-        current.append(lease)
+        mine.append(lease)
         return lease, f"{worker_id} leased shard {lease.shard} of epoch {lease.epoch} for round {round_}"
 
     def complete_round(self, round_: int, contributors: set[str]) -> list[TrainedShard]:

@@ -212,7 +212,7 @@ class RunStore:
             lease = Lease(**record)
             ledger.leases.setdefault(lease.worker_id, []).append(lease)
         for held in ledger.leases.values():
-            held.sort(key=lambda lease: lease.index)
+            held.sort(key=lambda lease: (lease.round, lease.index))
 
     def trained_shards(self) -> list[TrainedShard]:
         rows = self.db.execute(

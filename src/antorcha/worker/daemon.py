@@ -6,9 +6,12 @@ taken) → Δ = S_r − θ_local (+ the quantisation residual, with error feedba
 for the group) → all-reduce Δ over hivemind weighted by tokens → outer step on the fp32 CPU master
 copy → CommitRound with the checksum of θ_{r+1} (resync from the coordinator if it disagrees).
 
-Without overlap S_r = θ_r. With overlap the all-reduce of round r runs in a background thread while
-round r+1 trains from S_{r+1} = θ_r − Δ_r (the newest global θ plus our own progress not yet averaged
-in); the outer step of round r lands when round r+1's training ends, one round late.
+The report and the all-reduce run as one task in the averaging thread. Without overlap the main thread
+waits for it at once, and S_r = θ_r. With overlap it trains round r+1 meanwhile, from
+S_{r+1} = θ_r − Δ_r (the newest global θ plus our own progress not yet averaged in), and the outer
+step of round r lands when round r+1's training ends, one round late. Because the report is in the
+background too, a fast worker does not wait at round r's group barrier for the slowest one: it only
+waits, one round later, for round r's average.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +62,21 @@ RUN_ENDS = "the run ends"  # how the coordinator words a lease refused because t
 
 
 @dataclass(frozen=True)
+class NotAveraged:
+    """The coordinator put this round in no averaging group (report refused, or the group was formed
+    without us): why, and the round to resync to."""
+
+    reason: str
+    next_round: int
+
+
+@dataclass(frozen=True)
 class PendingAverage:
-    """A round whose all-reduce runs in the background (overlap) or is about to be waited for."""
+    """A round whose report and all-reduce run in the background (overlap) or are about to be
+    waited for."""
 
     round: int
-    future: Future[AllReduceResult]
+    future: Future[AllReduceResult | NotAveraged]
     outgoing: torch.Tensor  # the pseudo-gradient as sent (with error feedback added)
     stats: InnerStats
 
@@ -210,7 +224,6 @@ class Worker:
             client.close()
             backend.close()
             self.observer.close()
-
 
     def _wait_for_next_run(self, client: CoordinatorClient, finished: str) -> bool:
         """After a run ended: True once the coordinator trains another run (join it, same process);
@@ -521,35 +534,12 @@ class TrainingSession:
             log.error("round=%d %s; resetting to the global state", round_, e)
             self._restart_from_global()
             return "continue"
-        try:
-            answer = self.client.report_round(
-                worker_id=self.worker_id,
-                round_=round_,
-                tokens=claimed,
-                inner_steps=stats.steps,
-                loss=stats.mean_loss,
-                seconds=stats.seconds,
-                wait_s=spec.round_deadline_s + 30,
-                pseudo_gradient_norm=norm,
-            )
-        except CoordinatorRefusedError as e:
-            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            # Our report itself was refused (e.g. an impossible token claim): we sit this round out.
-            log.error("round=%d report refused: %s; resyncing to round %d", round_, e, round_ + 1)
-            self._resync(round_ + 1)
-            return "resync"
-        if not answer.accepted or answer.group is None:
-            log.warning(
-                "round=%d not averaged: %s; resyncing to round %d", round_, answer.reason, answer.next_round
-            )
-            self._resync(answer.next_round)
-            return "resync"
         on_exchange = (
             (lambda: self.faults.fire(round_, "allreduce")) if self.faults.find(round_, "allreduce") else None
         )
-        group, weight = answer.group, float(stats.tokens)
-        future = self._averager.submit(self.backend.all_reduce, group, outgoing, weight, on_exchange)
+        future = self._averager.submit(
+            self._report_and_average, round_, stats, claimed, norm, outgoing, on_exchange
+        )
         pending = PendingAverage(round_, future, outgoing, stats)
         if spec.overlap:
             # Train round r+1 now, from the newest global θ plus our own progress not yet averaged in.
@@ -562,6 +552,36 @@ class TrainingSession:
         if instruction != "resync":
             self._restart_from_global()
         return instruction
+
+    def _report_and_average(
+        self,
+        round_: int,
+        stats: InnerStats,
+        claimed: int,
+        norm: float,
+        outgoing: torch.Tensor,
+        on_exchange: Callable[[], None] | None,
+    ) -> AllReduceResult | NotAveraged:
+        """In the averaging thread: report the round (long-poll for its group), then all-reduce Δ."""
+        try:
+            answer = self.client.report_round(
+                worker_id=self.worker_id,
+                round_=round_,
+                tokens=claimed,
+                inner_steps=stats.steps,
+                loss=stats.mean_loss,
+                seconds=stats.seconds,
+                wait_s=self.spec.round_deadline_s + 30,
+                pseudo_gradient_norm=norm,
+            )
+        except CoordinatorRefusedError as e:
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # Our report itself was refused (e.g. an impossible token claim): we sit this round out.
+            return NotAveraged(f"report refused: {e}", round_ + 1)
+        if not answer.accepted or answer.group is None:
+            return NotAveraged(answer.reason, answer.next_round)
+        return self.backend.all_reduce(answer.group, outgoing, float(stats.tokens), on_exchange)
 
     def _apply_report_faults(
         self, round_: int, outgoing: torch.Tensor, tokens: int
@@ -617,6 +637,12 @@ class TrainingSession:
         """Wait for a round's all-reduce, apply the outer step to the global θ, commit its checksum."""
         spec, round_ = self.spec, pending.round
         result = pending.future.result()
+        if isinstance(result, NotAveraged):
+            log.warning(
+                "round=%d not averaged: %s; resyncing to round %d", round_, result.reason, result.next_round
+            )
+            self._resync(result.next_round)
+            return "resync"
         averaged_at = time.monotonic()
         average = result.average
         if average.shape != self.state.params.shape or not bool(torch.isfinite(average).all()):
