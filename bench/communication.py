@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=0, help="inner steps per worker (default 3000)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the data-parallel baseline first, not beside DiLoCo"
+    )
     args = parser.parse_args(argv)
     steps = args.steps or (500 if args.quick else 3000)
     settings = QUICK if args.quick else FULL
@@ -125,16 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec.model_validate({**COMMON, "inner_steps": 1, "inner_decay_steps": steps})
     started = time.monotonic()
 
+    # The baseline's ranks wait on each other's all-reduce every step, leaving cores idle that the
+    # DiLoCo clusters can use: it runs beside them (in its own processes) unless --sequential. Only
+    # losses and bytes are compared, and neither depends on timing.
     print(f"data parallel: {args.workers} gloo ranks x {steps} steps ...", file=sys.stderr, flush=True)
-    ddp = run_data_parallel(spec, args.workers, steps, eval_every=0)
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddp")
+    ddp_future = background.submit(run_data_parallel, spec, args.workers, steps, eval_every=0)
+    if args.sequential:
+        ddp_future.result()
+
+    raw_runs = []
+    for setting in settings:
+        print(f"diloco: {setting} ...", file=sys.stderr, flush=True)
+        name = f"h{setting.inner_steps}-{setting.codec}-ef{int(setting.error_feedback)}"
+        raw_runs.append((setting, run_diloco(workdir / name, setting, args.workers, steps)))
+    ddp = ddp_future.result()
+    background.shutdown()
     ddp_tokens_per_worker = ddp.tokens / args.workers
     ddp_bpt = ddp.bytes_sent_per_worker / ddp_tokens_per_worker
 
     runs = []
-    for setting in settings:
-        print(f"diloco: {setting} ...", file=sys.stderr, flush=True)
-        name = f"h{setting.inner_steps}-{setting.codec}-ef{int(setting.error_feedback)}"
-        run = run_diloco(workdir / name, setting, args.workers, steps)
+    for setting, run in raw_runs:
         bpt = run["bytes_sent_per_worker"] / run["tokens_per_worker"]
         run["bytes_ratio"] = ddp_bpt / bpt
         run["ideal_ratio"] = setting.inner_steps * 32 / BITS[setting.codec]

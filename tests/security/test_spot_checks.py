@@ -15,17 +15,18 @@ from _hostile import SMALL_RUN, run_cluster
 from antorcha.config import RunSpec
 from antorcha.coordinator.ledger import DataLedger
 from antorcha.coordinator.verifier import SpotChecker, judge, measure, should_check
-from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, load_stdlib_corpus
+from antorcha.data import BYTE_VOCAB_SIZE, load_stdlib_corpus
+from antorcha.data.source import shard_reader
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.params import ParamLayout
 from antorcha.model import build_model
 
 SPEC = RunSpec(model_size="nano", seq_len=32, batch_size=4, inner_steps=8, inner_warmup_steps=2, seed=3)
-BATCHES = 2
+BATCHES = SPEC.verify_batches  # as many as the coordinator evaluates
 
 
 def _batches(tokens: torch.Tensor, num_shards: int, shard: int, n: int) -> list[torch.Tensor]:
-    reader = ShardReader(tokens, num_shards, SPEC.seq_len, SPEC.batch_size)
+    reader = shard_reader(SPEC, tokens, num_shards)  # as the coordinator and the workers cut shards
     reader.start(shard)
     return [reader.next_batch() for _ in range(n)]
 
@@ -40,7 +41,7 @@ def _verdicts(lazy: str, rounds: int) -> tuple[list[bool], list[bool]]:
     layout = ParamLayout.of(model)
     theta = layout.flatten(model)
     trainer = InnerTrainer(model, SPEC, None, torch.device("cpu"))
-    reader = ShardReader(corpus.train, num_shards, SPEC.seq_len, SPEC.batch_size)
+    reader = shard_reader(SPEC, corpus.train, num_shards)
     honest, lazy_results = [], []
     for r in range(rounds):
         shard, control_shards = order[2 * r], order[2 * r + 1 : 2 * r + 2] + order[-1 - r : -r or None]

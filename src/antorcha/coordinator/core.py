@@ -40,8 +40,7 @@ from antorcha.coordinator.rounds import Phase, Report, RoundMachine
 from antorcha.coordinator.store import RunStore
 from antorcha.coordinator.telemetry import Telemetry
 from antorcha.coordinator.verifier import SpotChecker, judge, measure, should_check
-from antorcha.data import ShardReader
-from antorcha.data.source import load_run_data
+from antorcha.data.source import load_run_data, shard_reader
 from antorcha.diloco.params import ParamLayout
 from antorcha.diloco.state import decode_state
 from antorcha.model.factory import build_run_model
@@ -476,7 +475,7 @@ class CoordinatorCore:
 
     def _spot_check_batches(self, shard: int, count: int) -> list[torch.Tensor]:
         tokens, _, _ = self._spot_data_loaded()
-        reader = ShardReader(tokens, self.ledger.num_shards, self.spec.seq_len, self.spec.batch_size)
+        reader = shard_reader(self.spec, tokens, self.ledger.num_shards)
         reader.start(shard)
         return [reader.next_batch() for _ in range(count)]
 

@@ -1,10 +1,13 @@
 """Turning a token stream into batches: per-worker shards, random training windows, fixed eval windows.
 
-Owns how the training split is divided among workers (contiguous, disjoint shards), how a worker
-draws its batches from its own shard, and the deterministic evaluation batches and loss.
+Owns how the training split is divided among workers (disjoint shards of windows, shuffled by
+default), how a worker reads or samples its batches from its own shard, and the deterministic
+evaluation batches and loss.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -73,38 +76,65 @@ class ShardSampler:
         return self.tokens[starts[:, None] + self._offsets].long()
 
 
-class ShardReader:
-    """Consecutive [batch_size, seq_len + 1] windows through one shard, in order.
+@functools.lru_cache(maxsize=4)
+def window_order(num_windows: int, seed: int) -> torch.Tensor:
+    """The shuffled order of a split's windows: a permutation fixed by (num_windows, seed)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(num_windows, generator=generator)
 
-    Reading a shard front to back is what lets the coordinator's data ledger promise that a shard
-    trained once was seen once. Windows overlap by one token (the last target is the next input's
-    first token); at the shard's end the reader wraps to its start.
+
+class ShardReader:
+    """[batch_size, seq_len + 1] windows of one shard, each once per pass through it, in a fixed order.
+
+    The split is cut into windows of seq_len + 1 tokens that overlap by one (window i starts at token
+    i × seq_len, so its last target is the next window's first input). With ``shuffled`` (the default)
+    the windows are put in a seeded random order and shard s is the s-th slice of that order: every
+    shard is a uniform sample of the whole split, as the i.i.d. per-worker data DiLoCo assumes. With
+    ``shuffled=False`` shard s is the s-th run of consecutive windows (a region of the text; one shard
+    of a round's worth of steps is then often one source file, and long local training drifts toward
+    it). Either way the shards partition the windows, and reading a shard front to back is what lets
+    the coordinator's data ledger promise that a shard trained once was seen once. At the shard's end
+    the reader wraps to its start.
     """
 
-    def __init__(self, tokens: torch.Tensor, num_shards: int, seq_len: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        num_shards: int,
+        seq_len: int,
+        batch_size: int,
+        *,
+        shuffled: bool = True,
+        seed: int = 0,
+    ) -> None:
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
         self.tokens, self.num_shards, self.seq_len, self.batch_size = tokens, num_shards, seq_len, batch_size
+        self.shuffled, self.seed = shuffled, seed
+        self.num_windows = max(0, (tokens.numel() - 1) // seq_len)
         self._offsets = torch.arange(seq_len + 1)
         self.start(0)
 
     def start(self, shard_index: int) -> None:
-        start, end = shard_bounds(self.tokens.numel(), self.num_shards, shard_index)
-        if end - start < self.seq_len + 1:
+        lo, hi = shard_bounds(self.num_windows, self.num_shards, shard_index)
+        if hi - lo < 1:
             raise ValueError(
-                f"shard {shard_index}/{self.num_shards} holds {end - start} tokens, "
-                f"fewer than one window of seq_len + 1 = {self.seq_len + 1}"
+                f"shard {shard_index}/{self.num_shards} of {self.tokens.numel()} tokens holds fewer than "
+                f"one window of seq_len + 1 = {self.seq_len + 1} tokens"
             )
-        self.shard_index, self.begin, self.end, self.position = shard_index, start, end, start
+        order = window_order(self.num_windows, self.seed)[lo:hi] if self.shuffled else torch.arange(lo, hi)
+        self.shard_index, self.windows, self.position = shard_index, order, 0
+
+    @property
+    def shard_tokens(self) -> int:
+        """Tokens in one pass through the shard (its windows less the one token each shares)."""
+        return self.windows.numel() * self.seq_len
 
     def next_batch(self) -> torch.Tensor:
-        starts = []
-        for _ in range(self.batch_size):
-            if self.position + self.seq_len + 1 > self.end:
-                self.position = self.begin
-            starts.append(self.position)
-            self.position += self.seq_len
-        return self.tokens[torch.tensor(starts)[:, None] + self._offsets].long()
+        picked = torch.arange(self.position, self.position + self.batch_size) % self.windows.numel()
+        self.position = (self.position + self.batch_size) % self.windows.numel()
+        starts = self.windows[picked] * self.seq_len
+        return self.tokens[starts[:, None] + self._offsets].long()
 
 
 def shards_for_rounds(num_tokens: int, tokens_per_round: int) -> int:

@@ -33,6 +33,7 @@ from antorcha.data.corpus import (
     split_score,
 )
 from antorcha.data.files import DataSourceError, Document, file_documents
+from antorcha.data.sampling import ShardReader
 from antorcha.data.tokenizers import BYTES, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,12 @@ def _write_cache(path: Path, corpus: Corpus) -> None:
     meta = {"fingerprint": corpus.fingerprint, "source": corpus.source}
     save_file({"train": corpus.train.contiguous(), "eval": corpus.eval.contiguous()}, str(tmp), metadata=meta)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+
+
+def shard_reader(spec: RunSpec, tokens: torch.Tensor, num_shards: int) -> ShardReader:
+    """The reader every process of a run uses for its shards: same spec, same windows in each shard."""
+    shuffled = spec.data.window_order == "shuffled"
+    return ShardReader(tokens, num_shards, spec.seq_len, spec.batch_size, shuffled=shuffled, seed=spec.seed)
 
 
 def load_run_data(spec: RunSpec, cache_dir: Path | None | str = "default") -> RunData:

@@ -5,10 +5,11 @@ a DiLoCo run (same preset and seed, AdamW with the inner optimizer's betas, warm
 because each rank steps through ``InnerTrainer`` itself), evaluating on rank 0 exactly as the DiLoCo
 coordinator does, and counting the bytes the gradient all-reduces move.
 
-Data: rank ``r`` reads shard ``r`` of ``workers`` contiguous, disjoint shards of the training split
-front to back (``ShardReader``), ``spec.batch_size`` sequences per step. The global batch is
-``workers × batch_size`` and a run of ``steps`` steps trains ``steps × workers × batch_size × seq_len``
-tokens, the count of a DiLoCo run of ``workers`` workers × ``steps`` inner steps. (The count and the
+Data: rank ``r`` reads shard ``r`` of ``workers`` disjoint shards of the training split (cut as a
+DiLoCo run cuts its shards) front to back (``ShardReader``), ``spec.batch_size`` sequences per step.
+The global batch is ``workers × batch_size`` and a run of ``steps`` steps trains
+``steps × workers × batch_size × seq_len`` tokens, the count of a DiLoCo run of ``workers`` workers ×
+``steps`` inner steps. (The count and the
 corpus are the same; which windows each side reads is not, since DiLoCo leases finer shards.)
 
 Bytes: a DDP communication hook wraps the default all-reduce and adds up, per rank, the payload of
@@ -60,6 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from antorcha.config import RunSpec
 from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.data.source import shard_reader
 from antorcha.diloco.checksum import tensor_checksum
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.params import ParamLayout
@@ -178,8 +180,9 @@ def ring_bytes_sent(payload_bytes: int, workers: int) -> int:
 
 
 def rank_reader(train: torch.Tensor, spec: RunSpec, workers: int, rank: int) -> ShardReader:
-    """Rank ``rank``'s batches: its own one of ``workers`` disjoint shards, read in order."""
-    reader = ShardReader(train, workers, spec.seq_len, spec.batch_size)
+    """Rank ``rank``'s batches: its own one of ``workers`` disjoint shards, read in order (shards cut
+    as a DiLoCo run cuts them: `spec.data.window_order`)."""
+    reader = shard_reader(spec, train, workers)
     reader.start(rank)
     return reader
 
@@ -465,7 +468,7 @@ def _run_here(spec: RunSpec, workers: int, steps: int, options: _RunOptions) -> 
     corpus = load_stdlib_corpus(spec.corpus_max_bytes)
     # Validates the sharding in the caller, before any process starts.
     smallest = rank_reader(corpus.train, spec, workers, workers - 1)
-    shard_tokens = smallest.end - smallest.begin
+    shard_tokens = smallest.shard_tokens
     # The parent hosts the rendezvous store on a port the OS picks, so no port can be raced for; it
     # lives until this function returns, after every rank has finished with it.
     store = dist.TCPStore(HOST, 0, workers, is_master=True, wait_for_workers=False)

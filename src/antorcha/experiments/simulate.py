@@ -31,7 +31,8 @@ from antorcha.averaging.robust import AggregationPolicy, aggregate, norm_outlier
 from antorcha.averaging.spans import CHUNK_ELEMENTS
 from antorcha.config import RunSpec
 from antorcha.coordinator.ledger import DataLedger
-from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.data.source import shard_reader
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
@@ -132,7 +133,7 @@ def simulate(
         build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed) for _ in range(workers)
     ]
     trainers = [InnerTrainer(m, spec, None, torch.device("cpu")) for m in replicas]
-    readers = [ShardReader(corpus.train, num_shards, spec.seq_len, spec.batch_size) for _ in range(workers)]
+    readers = [shard_reader(spec, corpus.train, num_shards) for _ in range(workers)]
     residuals = [torch.zeros_like(theta) for _ in range(workers)]
     spans = _split_like_the_data_plane(theta, workers + 1)  # the coordinator reduces a span too
     initial = evaluate(global_model, evals_data)

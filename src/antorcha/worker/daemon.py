@@ -36,7 +36,7 @@ from antorcha.averaging.hivemind_backend import HivemindBackend
 from antorcha.averaging.robust import AggregationPolicy
 from antorcha.config import RunSpec, WorkerSettings
 from antorcha.data import ShardReader
-from antorcha.data.source import load_run_data
+from antorcha.data.source import load_run_data, shard_reader
 from antorcha.diloco.inner import InnerStats, InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
@@ -316,7 +316,7 @@ class TrainingSession:
     def _reader_for(self, lease: DataLease) -> ShardReader:
         if self.reader is None or self.reader.num_shards != lease.num_shards:
             spec = self.spec
-            self.reader = ShardReader(self.corpus.train, lease.num_shards, spec.seq_len, spec.batch_size)
+            self.reader = shard_reader(spec, self.corpus.train, lease.num_shards)
         self.reader.start(lease.shard)
         return self.reader
 
