@@ -41,9 +41,31 @@ class Setting:
     outer_lr: float
     outer_momentum: float = 0.5
 
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """`H:codec[:ef][:lr=X][:momentum=Y]`, e.g. `100:int4:ef` or `50:int8:lr=0.7:momentum=0.9`."""
+        head, *rest = text.split(":")
+        if not rest or not head.isdigit():
+            raise argparse.ArgumentTypeError(f"expected H:codec[:ef][:lr=X][:momentum=Y], got {text!r}")
+        codec, options = rest[0], rest[1:]
+        if codec not in BITS:
+            raise argparse.ArgumentTypeError(f"unknown codec {codec!r}; known: {', '.join(BITS)}")
+        values = dict(option.partition("=")[::2] for option in options if "=" in option)
+        flags = {option for option in options if "=" not in option}
+        if flags - {"ef"} or set(values) - {"lr", "momentum"}:
+            raise argparse.ArgumentTypeError(f"unknown option in {text!r}")
+        return cls(
+            int(head),
+            codec,
+            "ef" in flags,
+            float(values.get("lr", 1.0)),
+            float(values.get("momentum", 0.5)),
+        )
 
-# Outer optimizer tuned with antorcha.experiments.simulate on int8, H=50 (see bench/README.md): final
-# eval loss 1.730 (lr 1.0, momentum 0.9), 1.637 (0.4, 0.9), 1.552 (0.7, 0.8), 1.537 (1.0, 0.5).
+
+# Outer optimizer (lr, Nesterov momentum) tuned with antorcha.experiments.simulate (bench/README.md):
+# on int4 + EF, H = 100, shuffled shards, final eval loss 1.402 at (1.0, 0.5), 1.420 at (1.0, 0.8),
+# 1.434 at (1.0, 0.0), 1.460 at (0.7, 0.9); the same choice won on int8, H = 50, before.
 FULL = [
     Setting(50, "int8", False, 1.0),
     Setting(100, "int4", True, 1.0),
@@ -119,11 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="inner steps per worker (default 3000)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
+        "--setting",
+        type=Setting.parse,
+        action="append",
+        default=[],
+        metavar="H:CODEC[:ef]",
+        help="a DiLoCo setting to run instead of the defaults (repeatable), e.g. 25:int4:ef:lr=0.8",
+    )
+    parser.add_argument(
         "--sequential", action="store_true", help="run the data-parallel baseline first, not beside DiLoCo"
     )
     args = parser.parse_args(argv)
     steps = args.steps or (500 if args.quick else 3000)
-    settings = QUICK if args.quick else FULL
+    settings = args.setting or (QUICK if args.quick else FULL)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="antorcha-bench-comm-"))
     torch.set_num_threads(1)
     spec = RunSpec.model_validate({**COMMON, "inner_steps": 1, "inner_decay_steps": steps})

@@ -19,7 +19,7 @@ from antorcha.data import ShardSampler
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
-from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
+from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, all_finite, pseudo_gradient
 from antorcha.model import build_model
 
 
@@ -120,3 +120,18 @@ def test_inner_learning_rate_warms_up_then_decays_by_cosine_to_a_tenth() -> None
     )
     constant.total_steps = 10_000
     assert constant._lr() == 1e-2
+
+
+def test_all_finite_finds_every_nan_and_inf_and_survives_overflowing_sums() -> None:
+    values = torch.randn(100_003)
+    assert all_finite(values)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 50_000, 100_002):
+            broken = values.clone()
+            broken[where] = bad
+            assert not all_finite(broken)
+    pair = values.clone()
+    pair[1], pair[2] = float("inf"), float("-inf")  # their sum is NaN, not a cancellation
+    assert not all_finite(pair)
+    huge = torch.full((8,), 3e38)  # finite values whose fp32 sum overflows: the exact test decides
+    assert bool(torch.isinf(huge.sum())) and all_finite(huge)

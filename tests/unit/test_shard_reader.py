@@ -80,7 +80,7 @@ def test_a_shard_without_a_whole_window_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than one window"):
         ShardReader(torch.arange(8), 1, SEQ_LEN, BATCH)  # 8 tokens: not one window of 9
     short = ShardReader(torch.arange(30), 4, SEQ_LEN, BATCH)  # 3 windows for 4 shards
-    with pytest.raises(ValueError, match="shard 3/4 .* fewer than one window"):
+    with pytest.raises(ValueError, match=r"shard 3/4 .* fewer than one window"):
         short.start(3)
     reader = ShardReader(torch.arange(40), 4, SEQ_LEN, BATCH)
     with pytest.raises(ValueError, match="out of range"):

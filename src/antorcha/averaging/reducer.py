@@ -30,6 +30,7 @@ from antorcha.averaging import codecs
 from antorcha.averaging.base import AveragingGroup
 from antorcha.averaging.robust import AggregationPolicy, aggregate, exceeds_declared, norm_outliers
 from antorcha.averaging.spans import CHUNK_ELEMENTS, Span
+from antorcha.diloco.pseudo_gradient import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class WeightedChunk:
             raise RejectedContribution(f"{sender} already sent this chunk")
         if values.numel() != self.num_elements or values.dim() != 1:
             raise RejectedContribution(f"chunk has {values.numel()} elements, expected {self.num_elements}")
-        if not bool(torch.isfinite(values).all()):
+        if not all_finite(values):
             raise RejectedContribution("chunk holds NaN or Inf")
         if self.kept is not None:
             self.kept[sender] = (values, weight)

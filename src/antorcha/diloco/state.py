@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 
 from antorcha.diloco.checksum import tensor_checksum
 from antorcha.diloco.params import LayoutMismatchError, ParamLayout
+from antorcha.diloco.pseudo_gradient import all_finite
 
 _PARAM = "param/"
 _MOMENTUM = "outer_momentum/"
@@ -78,7 +79,7 @@ def decode_state(layout: ParamLayout, data: bytes, run_id: str) -> GlobalState:
         raise CorruptStateError("state checksum does not match its parameters")
     if _content_hash(state, run_id) != meta.get("content_sha256"):
         raise CorruptStateError("state content hash does not match (momentum or round altered)")
-    if not (torch.isfinite(params).all() and torch.isfinite(momentum).all()):
+    if not (all_finite(params) and all_finite(momentum)):
         raise CorruptStateError("state holds non-finite values")
     return state
 

@@ -40,7 +40,7 @@ from antorcha.data.source import load_run_data, shard_reader
 from antorcha.diloco.inner import InnerStats, InnerTrainer
 from antorcha.diloco.outer import OuterOptimizer
 from antorcha.diloco.params import ParamLayout
-from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, pseudo_gradient
+from antorcha.diloco.pseudo_gradient import BadPseudoGradientError, all_finite, pseudo_gradient
 from antorcha.diloco.state import GlobalState, decode_state
 from antorcha.model.factory import build_run_model
 from antorcha.netem.links import parse_link
@@ -608,9 +608,7 @@ class TrainingSession:
                 tokens = int(tokens * fault.factor)
             if fault.declared:
                 norm = float(torch.linalg.vector_norm(outgoing))
-        if not faults and (
-            outgoing.shape != self.state.params.shape or not bool(torch.isfinite(outgoing).all())
-        ):
+        if not faults and (outgoing.shape != self.state.params.shape or not all_finite(outgoing)):
             # Never send a broken Δ (the pseudo-gradient was checked; this guards the residual too).
             raise BadPseudoGradientError(
                 f"round {round_}: the pseudo-gradient to send is not finite or wrong-shaped"
@@ -645,7 +643,7 @@ class TrainingSession:
             return "resync"
         averaged_at = time.monotonic()
         average = result.average
-        if average.shape != self.state.params.shape or not bool(torch.isfinite(average).all()):
+        if average.shape != self.state.params.shape or not all_finite(average):
             # A broken average never reaches the model: drop it and take θ_{r+1} from the coordinator.
             log.error("round=%d received average is non-finite or wrong-shaped; resyncing", round_)
             self._resync(round_ + 1)
