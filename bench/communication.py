@@ -1,7 +1,7 @@
 """Bytes per training token: DiLoCo (H, compression, error feedback) on a real local cluster against
 real torch.distributed (gloo) data-parallel training of the same model on the same number of tokens.
 
-    python bench/communication.py            # the full benchmark (~10-15 min on 2 CPU cores)
+    python bench/communication.py            # the full benchmark (~19 min on 2 CPU cores)
     python bench/communication.py --quick    # a smoke run of a few minutes
 
 Every DiLoCo run is a coordinator and W worker processes averaging over hivemind; bytes are what each

@@ -95,7 +95,11 @@ def _run(workdir: Path, args: argparse.Namespace, overlap: bool, use_lab: bool) 
         cluster.start_coordinator(worker_address=worker_address, status_address=status_address)
         for w in workers:
             cluster.start_worker(w, extra[w] | {"summary_file": str(workdir / f"{w}.summary.json")})
-        status = cluster.wait_for(lambda s: s.phase == "finished", timeout_s=3600, poll_s=1.0)
+        status = cluster.wait_for(
+            lambda s: s.phase == "finished" and bool(s.rounds) and math.isfinite(s.rounds[-1].eval_loss),
+            timeout_s=3600,
+            poll_s=1.0,
+        )
         cluster.wait_workers(300)
         seconds = time.monotonic() - started
     summaries = [json.loads((workdir / f"{w}.summary.json").read_text()) for w in workers]
