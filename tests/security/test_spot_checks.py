@@ -105,8 +105,15 @@ def test_the_coordinator_spot_checks_and_evicts_a_lazy_worker(tmp_path: Path) ->
         failed = [e["detail"] for e in out.events_of(name, "spot_check_failed")]
         assert not failed and not out.events_of(name, "evict"), failed
         out.rounds_agree(name, range(5))
-    assert out.metric("antorcha_spot_checks_total", "result", "fail") == 2
+    # Round r's check runs off the critical path, while round r+1 trains; a group for r+1 formed before
+    # the verdict still holds the lazy worker (its Δ is then checked and fails too). The coordinator's
+    # single replica thread runs that check before r+1's reduce, so no later round can include it.
+    failed_rounds = sorted(e["round"] for e in out.events_of("lazy", "spot_check_failed"))
+    assert failed_rounds in ([0, 1], [0, 1, 2]), failed_rounds
+    assert out.metric("antorcha_spot_checks_total", "result", "fail") == len(failed_rounds)
     # Checks run after a round's eval, so the last round's may land after the final scrape.
     assert out.metric("antorcha_spot_checks_total", "result", "pass") >= 2 * 4
     assert out.metric("antorcha_excluded_workers_total", "reason", "spot_check") == 1
-    assert [r.workers for r in out.status.rounds][2:] == [2, 2, 2]
+    workers = [r.workers for r in out.status.rounds]
+    assert workers[:2] == [3, 3] and workers[3:] == [2, 2], workers
+    assert workers[2] == (3 if 2 in failed_rounds else 2), (workers, failed_rounds)
