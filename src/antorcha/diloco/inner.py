@@ -64,8 +64,14 @@ class InnerTrainer:
         if micro_batch_size < 0:
             raise ValueError(f"micro_batch_size must be >= 0, got {micro_batch_size}")
         self.model, self.spec, self.sampler, self.device = model, spec, sampler, device
+        # foreach: one kernel per op over all tensors. PyTorch only defaults to it on accelerators; on
+        # CPU the per-tensor loop made a nano-model step 20 % slower (42 ms against 35 ms).
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=spec.inner_lr, weight_decay=spec.inner_weight_decay, betas=(0.9, 0.95)
+            model.parameters(),
+            lr=spec.inner_lr,
+            weight_decay=spec.inner_weight_decay,
+            betas=(0.9, 0.95),
+            foreach=True,
         )
         self.total_steps = 0
         self.last_step_seconds = 0.0
