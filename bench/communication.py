@@ -5,6 +5,7 @@ real torch.distributed (gloo) data-parallel training of the same model on the sa
     python bench/communication.py --search   # also int4 + EF at H = 250 (~4 min more)
     python bench/communication.py --seeds 3  # each gap on seeds 0, 1, 2 and their mean (3x as long)
     python bench/communication.py --quick    # a smoke run of a few minutes
+    python bench/communication.py --model micro  # 1.1 M parameters (about 5x as long)
 
 Every DiLoCo run is a coordinator and W worker processes averaging over hivemind; bytes are what each
 worker's data plane sent (its chunks to other reducers + its reducer's answers), read from the
@@ -37,6 +38,7 @@ from antorcha.averaging.codecs import BITS
 from antorcha.config import RunSpec
 from antorcha.experiments.baseline import DataParallelResult, run_data_parallel
 from antorcha.experiments.cluster import LocalCluster
+from antorcha.model.sizes import MODEL_SIZES
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,17 @@ COMMON: dict[str, Any] = {
 }
 
 
-def run_diloco(workdir: Path, setting: Setting, workers: int, steps: int, seed: int) -> dict[str, Any]:
+def common_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """What both sides share: COMMON with the model and inner lr asked for on the command line."""
+    return COMMON | {"model_size": args.model, "inner_lr": args.inner_lr}
+
+
+def run_diloco(
+    workdir: Path, setting: Setting, common: dict[str, Any], workers: int, steps: int, seed: int
+) -> dict[str, Any]:
     rounds = steps // setting.inner_steps
     run = {
-        **COMMON,
+        **common,
         "seed": seed,
         "inner_decay_steps": steps,
         "run_id": f"h{setting.inner_steps}-{setting.codec}{'-ef' if setting.error_feedback else ''}",
@@ -143,7 +152,8 @@ def _run_seed(
     seed: int, settings: list[Setting], args: argparse.Namespace, steps: int, workdir: Path
 ) -> tuple[DataParallelResult, list[dict[str, Any]]]:
     """The DDP baseline and every DiLoCo setting, all with `seed`."""
-    spec = RunSpec.model_validate({**COMMON, "seed": seed, "inner_steps": 1, "inner_decay_steps": steps})
+    common = common_fields(args)
+    spec = RunSpec.model_validate({**common, "seed": seed, "inner_steps": 1, "inner_decay_steps": steps})
     # The baseline's ranks wait on each other's all-reduce every step, leaving cores idle that the
     # DiLoCo clusters can use: it runs beside them (in its own processes) unless --sequential. Only
     # losses and bytes are compared, and neither depends on timing.
@@ -156,7 +166,7 @@ def _run_seed(
         for setting in settings:
             print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: diloco {setting}", file=sys.stderr, flush=True)
             name = f"h{setting.inner_steps}-{setting.codec}-ef{int(setting.error_feedback)}"
-            raw_runs.append(run_diloco(workdir / name, setting, args.workers, steps, seed))
+            raw_runs.append(run_diloco(workdir / name, setting, common, args.workers, steps, seed))
         ddp = ddp_future.result()
     print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: done", file=sys.stderr, flush=True)
     return ddp, raw_runs
@@ -168,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=0, help="inner steps per worker (default 3000)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--model",
+        choices=list(MODEL_SIZES),
+        default=COMMON["model_size"],
+        help="model size for both sides (micro is ~9x nano's parameters and ~5x its time per step)",
+    )
+    parser.add_argument(
+        "--inner-lr", type=float, default=COMMON["inner_lr"], help="AdamW lr of both sides (default 3e-3)"
+    )
     parser.add_argument(
         "--setting",
         type=Setting.parse,
