@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ideal_ratio']:>6.0f}x {r['bytes_ratio'] / r['ideal_ratio']:>7.1%}"
             + (f"  gaps by seed: {by_seed}" if args.seeds > 1 else "")
         )
+    for r in runs:
+        if not r["tokens_equal"]:  # the gap would compare unequal training: say so, loudly
+            print(f"WARNING: H={r['H']} {r['codec']} trained other tokens than DDP: its gap is unequal")
     within = [r for r in runs if r["loss_gap"] <= 0.05]
     best = max(within, key=lambda r: r["bytes_ratio"]) if within else None
     control = sum(r["control_plane_bytes"] for r in runs) / max(1, sum(r["data_plane_bytes"] for r in runs))
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [
             {k: r[k] for k in ("H", "bits", "error_feedback", "bytes_ratio", "ideal_ratio", "loss_gap")}
             | {k: r[k] for k in ("loss_gaps", "codec", "outer_lr", "outer_momentum", "rounds")}
+            | {"tokens_equal": r["tokens_equal"]}
             for r in runs
         ],
         "baseline": {
