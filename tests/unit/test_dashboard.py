@@ -231,6 +231,25 @@ def test_evict_releases_leases_withdraws_the_report_and_is_refused_after(tmp_pat
     store.close()
 
 
+def test_a_restart_inside_the_lease_counts_one_crash_and_frees_what_the_dead_process_held() -> None:
+    core = _core()
+    a = _join(core, "alice")
+    core.tick(0.0)
+    assert core.lease_data(a, 0, 0).lease is not None
+    device = DeviceInfo("cuda", "GPU")
+    # The same process joining again (say after a coordinator restart) keeps its peer: no crash.
+    core.join(name="alice", peer=PeerDescriptor("peer-alice", (), True), device=device, worker_id=a)
+    assert core.counters.crashes == 0 and core.ledger.held(a, 0) != []
+    # A new process under the same identity, while the old one still holds the lease: the old one died.
+    core.join(name="alice", peer=PeerDescriptor("peer-alice-2", (), True), device=device, worker_id=a)
+    assert core.counters.crashes == 1 and core.ledger.held(a, 0) == []
+    assert core.members.workers[a].peer.peer_id == "peer-alice-2"
+    crash = [e for e in core.telemetry.recent_events(10) if e.kind == "crash"]
+    assert len(crash) == 1 and crash[0].worker_id == a and "old peer peer-alice)" in crash[0].detail
+    core.tick(1.0)  # the lease the new process holds is fresh: nothing expires, nothing counted twice
+    assert core.counters.crashes == 1 and run_status(core, rounds_limit=0).crashes == 1
+
+
 def test_evicting_a_member_of_the_averaging_group_keeps_its_shards_of_that_round() -> None:
     core = _core()
     a, b = _join(core, "alice"), _join(core, "bob")

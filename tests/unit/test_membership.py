@@ -242,3 +242,14 @@ def test_evicting_a_worker_that_asked_to_leave_drops_the_leave() -> None:
     members.evict(a)
     assert members.apply_leaves() == []
     assert members.workers[a].state == WorkerState.EVICTED
+
+
+def test_a_new_peer_under_a_live_identity_is_a_new_process_and_the_same_peer_is_not() -> None:
+    members = Membership(lease_s=5.0)
+    alice = _join(members, "alice", now=0.0)
+    assert not members.replaces_live_process(alice, _peer("alice")), "same process, same peer"
+    assert members.replaces_live_process(alice, _peer("alice-restarted"))
+    assert not members.replaces_live_process("", _peer("x"))
+    assert not members.replaces_live_process("w-never-admitted", _peer("x"))
+    members.expire(100.0)
+    assert not members.replaces_live_process(alice, _peer("alice-2")), "a lost lease was counted already"

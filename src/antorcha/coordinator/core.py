@@ -544,6 +544,15 @@ class CoordinatorCore:
     # ---- what the RPCs ask -------------------------------------------------------------------
 
     def join(self, **kwargs: Any) -> tuple[WorkerRecord, str]:
+        worker_id = kwargs.get("worker_id", "")
+        if self.members.replaces_live_process(worker_id, kwargs["peer"]):
+            # Restarted faster than its lease runs out: the lease will never expire to count the crash.
+            old_peer = self.members.workers[worker_id].peer.peer_id
+            log.warning("worker=%s restarted before its lease ran out (old peer %s)", worker_id, old_peer)
+            self.counters.crashes += 1
+            self._record_worker(worker_id, "crash", f"restarted within its lease (old peer {old_peer})")
+            self.ledger.release(worker_id)  # as for an expired lease: what it held goes back to the pool
+            self._persist_leases()
         record, reason = self.members.join(now=time.monotonic(), **kwargs)
         log.info("join %s", reason)
         self.counters.joins += 1

@@ -66,6 +66,15 @@ class Membership:
         self.workers[new_id] = record
         return record, f"worker {new_id} admitted as slot {record.slot}"
 
+    def replaces_live_process(self, worker_id: str, peer: PeerDescriptor) -> bool:
+        """Whether a join under ``worker_id`` comes from a new process while the old one still holds
+        the lease: the old one died without a goodbye before its lease ran out (a fast restart).
+
+        Each worker process starts a fresh data-plane peer, so a new peer id means a new process; a
+        process that rejoins itself (say after a coordinator restart) keeps its peer id."""
+        known = self.workers.get(worker_id) if worker_id else None
+        return known is not None and known.state == WorkerState.ACTIVE and known.peer.peer_id != peer.peer_id
+
     def get_active(self, worker_id: str) -> WorkerRecord:
         record = self.workers.get(worker_id)
         if record is None or record.state != WorkerState.ACTIVE:
