@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -238,8 +239,7 @@ class CoordinatorCore:
                 log.warning("lease expired worker=%s reason=%s", worker_id, reason)
                 self.counters.crashes += 1
                 self._record_worker(worker_id, "crash", reason)
-            self.ledger.release(worker_id)
-            self._persist_leases()
+            self.forget_process(worker_id)
         before = self.rounds.phase
         decision = self.rounds.tick(now, self._active_ids() - set(self._sat_out))
         if self.rounds.phase == Phase.TRAINING and before != Phase.TRAINING:
@@ -260,6 +260,29 @@ class CoordinatorCore:
     def _active_ids(self) -> set[str]:
         """Workers a round waits for: active and not on their way out."""
         return {r.worker_id for r in self.members.active() if not r.leaving}
+
+    def forget_process(self, worker_id: str) -> None:
+        """The process behind `worker_id` is gone (its lease ran out, it left, it was evicted, or a new
+        process took over its identity): nothing it did in the open round may be mistaken for the work
+        of whoever comes next under that id.
+
+        While the round trains, its report is dropped (the group forms without it) and its shards go
+        back to the pool. Once the group is formed its pseudo-gradient is in the average, so its
+        shards of that round stay with it and count as trained when the round closes: released, they
+        would be trained a second time in the same epoch."""
+        rounds = self.rounds
+        in_group = rounds.phase == Phase.AVERAGING and worker_id in rounds.group
+        if rounds.phase == Phase.TRAINING:
+            rounds.reports.pop(worker_id, None)
+        self._sat_out.pop(worker_id, None)
+        self._declared_norms.pop(worker_id, None)
+        self._first_lease_at.pop(worker_id, None)  # token claims of a new process start afresh
+        self._last_lease_at.pop(worker_id, None)
+        released = self.ledger.release(worker_id)
+        kept = [lease for lease in released if in_group and lease.round == rounds.round]
+        if kept:
+            self.ledger.leases[worker_id] = kept
+        self._persist_leases()
 
     @staticmethod
     def _future(table: dict[int, asyncio.Future[Any]], round_: int) -> asyncio.Future[Any]:
@@ -298,7 +321,9 @@ class CoordinatorCore:
 
     async def _average(self, round_: int, group: AveragingGroup) -> None:
         started = time.monotonic()
-        reports = dict(self.rounds.reports)
+        # Only the group's reports count: a worker that reported and then left, or was left out,
+        # contributed nothing to this round's average.
+        reports = {w: r for w, r in self.rounds.reports.items() if w in self.rounds.group}
         entry = RoundLog(round=round_, workers=len(reports), tokens=sum(r.tokens for r in reports.values()))
         losses = [r.train_loss for r in reports.values() if math.isfinite(r.train_loss)]
         entry.train_loss = sum(losses) / len(losses) if losses else math.nan
@@ -329,17 +354,23 @@ class CoordinatorCore:
         left = self.members.apply_leaves()
         self.counters.leaves += len(left)
         if self.store is not None:
-            with self.store.transaction():
-                self.store.save_round(entry)
-                self.store.save_trained(trained)
-                self.store.save_leases(self.ledger)
-                for worker_id in reports:
-                    self.store.save_worker(self.members.workers[worker_id])
-                for worker_id in left:
-                    self._record_worker(worker_id, "leave")
-                self.store.set_meta("state_bytes", str(self.state_bytes))
-                self.store.set_meta("control_plane_bytes", str(self.control_plane_bytes))
-                self.telemetry.flush()
+            try:
+                with self.store.transaction():
+                    self.store.save_round(entry)
+                    self.store.save_trained(trained)
+                    self.store.save_leases(self.ledger)
+                    for worker_id in reports:
+                        self.store.save_worker(self.members.workers[worker_id])
+                    for worker_id in left:
+                        self._record_worker(worker_id, "leave")
+                    self.store.set_meta("state_bytes", str(self.state_bytes))
+                    self.store.set_meta("control_plane_bytes", str(self.control_plane_bytes))
+                    self.telemetry.flush()
+            except (sqlite3.Error, OSError) as e:
+                # E.g. a full disk. The round must still close, or every worker waits on it for ever;
+                # a restart resumes from the last round that was written.
+                log.error("round=%d not written to the run store: %s; training goes on", round_, e)
+                self.telemetry.event("store_failed", round_=round_, detail=str(e), persist=False)
         await self._checkpoint()
         self.telemetry.round_closed(entry, reports, result, time.monotonic() - started)
         now = time.monotonic()
@@ -546,13 +577,18 @@ class CoordinatorCore:
     def join(self, **kwargs: Any) -> tuple[WorkerRecord, str]:
         worker_id = kwargs.get("worker_id", "")
         if self.members.replaces_live_process(worker_id, kwargs["peer"]):
-            # Restarted faster than its lease runs out: the lease will never expire to count the crash.
-            old_peer = self.members.workers[worker_id].peer.peer_id
-            log.warning("worker=%s restarted before its lease ran out (old peer %s)", worker_id, old_peer)
-            self.counters.crashes += 1
-            self._record_worker(worker_id, "crash", f"restarted within its lease (old peer {old_peer})")
-            self.ledger.release(worker_id)  # as for an expired lease: what it held goes back to the pool
-            self._persist_leases()
+            # Restarted before the old process's lease ran out: that lease will never expire to say the
+            # old process is gone, so say it here. It had asked to leave (a clean stop), or it crashed.
+            old = self.members.workers[worker_id]
+            detail = f"a new process took over within the lease (old peer {old.peer.peer_id})"
+            if old.leaving:
+                self.counters.leaves += 1
+                self._record_worker(worker_id, "leave", detail)
+            else:
+                log.warning("worker=%s crashed: %s", worker_id, detail)
+                self.counters.crashes += 1
+                self._record_worker(worker_id, "crash", detail)
+            self.forget_process(worker_id)
         record, reason = self.members.join(now=time.monotonic(), **kwargs)
         log.info("join %s", reason)
         self.counters.joins += 1
@@ -561,9 +597,7 @@ class CoordinatorCore:
 
     def leave(self, worker_id: str) -> str:
         reason = self.members.request_leave(worker_id)
-        self._last_lease_at.pop(worker_id, None)
-        self.ledger.release(worker_id)
-        self._persist_leases()
+        self.forget_process(worker_id)
         return reason
 
     def _persist_leases(self) -> None:
@@ -660,10 +694,15 @@ class CoordinatorCore:
 
     async def report(self, worker_id: str, round_: int, report: Report, wait_s: float) -> GroupOutcome:
         self.members.touch(worker_id, time.monotonic())
-        accepted, reason = self.rounds.report(round_, report)
-        if not accepted:
-            return GroupOutcome(False, reason, None, self.start_round_for_joiner())
-        self.tick(time.monotonic())  # the last report forms the group at once
+        rounds = self.rounds
+        # A retry whose first try formed the group (its answer lost on the way): the same group again,
+        # or the worker would stay away from an all-reduce that waits for it.
+        repeated = round_ == rounds.round and rounds.phase == Phase.AVERAGING and worker_id in rounds.group
+        if not repeated:
+            accepted, reason = rounds.report(round_, report)
+            if not accepted:
+                return GroupOutcome(False, reason, None, self.start_round_for_joiner())
+            self.tick(time.monotonic())  # the last report forms the group at once
         try:
             group = await asyncio.wait_for(asyncio.shield(self._future(self._group_ready, round_)), wait_s)
         except TimeoutError:
@@ -688,20 +727,25 @@ class CoordinatorCore:
         if not known:
             # Not a round this coordinator averaged (e.g. it restarted mid-round): start over from its state.
             self.counters.resyncs += 1
+            self.telemetry.event("resync", worker_id, round_, f"round {round_} is unknown here")
             return CommitOutcome(True, False, f"round {round_} is unknown here", self.replica.state.round, "")
         expected = await asyncio.wait_for(asyncio.shield(self._future(self._round_closed, round_)), wait_s)
         entry = next((h for h in reversed(self.history) if h.round == round_), None)
+        # A retried commit (its answer lost) gets the same answer but is not counted twice.
+        first = entry is None or worker_id not in entry.commits
         if entry is not None:
+            if first:
+                entry.data_plane_bytes += data_bytes
             entry.commits[worker_id] = checksum
-            entry.data_plane_bytes += data_bytes
             self._persist_round_update(entry)
         stop = self.rounds.phase == Phase.FINISHED
         if checksum != expected:
             log.warning(
                 "checksum mismatch worker=%s round=%d got=%s want=%s", worker_id, round_, checksum, expected
             )
-            self.counters.resyncs += 1
-            self.telemetry.event("resync", worker_id, round_, "checksum differs")
+            if first:
+                self.counters.resyncs += 1
+                self.telemetry.event("resync", worker_id, round_, "checksum differs")
             return CommitOutcome(
                 True, stop, "checksum differs from the coordinator's replica", round_ + 1, expected
             )

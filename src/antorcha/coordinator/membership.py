@@ -68,7 +68,7 @@ class Membership:
 
     def replaces_live_process(self, worker_id: str, peer: PeerDescriptor) -> bool:
         """Whether a join under ``worker_id`` comes from a new process while the old one still holds
-        the lease: the old one died without a goodbye before its lease ran out (a fast restart).
+        the lease: the old one is gone (it crashed, or it left) before its lease ran out.
 
         Each worker process starts a fresh data-plane peer, so a new peer id means a new process; a
         process that rejoins itself (say after a coordinator restart) keeps its peer id."""

@@ -60,22 +60,13 @@ class OperatorControls:
             return False, message
         reason = reason or "no reason given"
         self.evicted[worker_id] = reason
-        rounds = core.rounds
-        in_group = rounds.phase == Phase.AVERAGING and worker_id in rounds.group
-        if rounds.phase == Phase.TRAINING:
-            rounds.reports.pop(worker_id, None)  # the group forms without it
-        released = core.ledger.release(worker_id)
-        if in_group:  # its pseudo-gradient is in this round's average: its shards of it are trained
-            kept = [lease for lease in released if lease.round == rounds.round]
-            if kept:
-                core.ledger.leases[worker_id] = kept
+        core.forget_process(worker_id)  # out of the forming group; in a formed one its shards count
         core.shard_seconds.pop(worker_id, None)
         if core.store is not None:
             with core.store.transaction():
                 core.store.save_worker(core.members.workers[worker_id])
-                core.store.save_leases(core.ledger)
                 self._save()
-        core.telemetry.event("evict", worker_id, rounds.round, reason)
+        core.telemetry.event("evict", worker_id, core.rounds.round, reason)
         log.warning("operator: %s: %s", message, reason)
         return True, f"{message}: {reason}"
 
