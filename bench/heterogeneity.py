@@ -3,7 +3,7 @@ with classic lock-step fixed-H rounds. Reports tokens per second of the whole ru
 should approach the pair's summed speed: 2x the fixed-H mode, where the fast worker idles 2/3 of
 every round) and eval loss at equal wall time.
 
-    python bench/heterogeneity.py            # ~5 minutes on 2 CPU cores
+    python bench/heterogeneity.py            # about 6 minutes on 2 CPU cores
     python bench/heterogeneity.py --rounds 4 # quicker
 
 The slow worker's steps are stretched by sleeping twice each step's own compute time (`slowdown=3`),
