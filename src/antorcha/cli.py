@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from antorcha.config import ConfigError, CoordinatorConfig, WorkerConfig, load_config
+from antorcha.config import ConfigError, CoordinatorConfig, WorkerConfig, WorkerSettings, load_config
 from antorcha.logs import setup_logging
 from antorcha.run_commands import add_run_parsers
 from antorcha.security.commands import add_connection_options, add_security_parsers
@@ -37,17 +37,37 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings: its config file and environment, then the command line's overrides."""
     config = load_config(WorkerConfig, args.config)
-    from antorcha.worker.daemon import Worker
-
-    updates = {
+    updates: dict[str, object] = {
         k: v
-        for k, v in {"coordinator": args.coordinator, "name": args.name, "device": args.device}.items()
+        for k, v in {
+            "coordinator": args.coordinator,
+            "name": args.name,
+            "device": args.device,
+            "tls_ca_file": args.tls_ca,
+        }.items()
         if v
     }
+    if args.token_file:
+        # From a file, not the command line: a token in argv is visible to every user of the machine.
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"worker --token-file: cannot read {args.token_file}: {e}") from e
+        if not token:
+            raise ConfigError(f"worker --token-file: {args.token_file} is empty")
+        updates["token"] = token
     settings = config.worker.model_copy(update=updates)
     WorkerConfig.model_validate({"worker": settings.model_dump()})  # re-validate the overrides
+    return settings
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from antorcha.worker.daemon import Worker
+
+    settings = worker_settings(args)
     setup_logging("worker", args.log_level)
     return Worker(settings).run()  # refusals and an unreachable coordinator are reported by main()
 
@@ -191,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="host:port of the coordinator")
     p.add_argument("--name", help="name shown to the operator")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--token-file", help="file holding the join token the operator gave you")
+    p.add_argument("--tls-ca", help="the coordinator's certificate (PEM), if not from a public CA")
     p.set_defaults(fn=_worker)
 
     p = sub.add_parser("demo", help="run a coordinator and workers locally and show training")
