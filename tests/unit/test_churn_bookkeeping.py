@@ -230,3 +230,42 @@ def test_a_run_store_that_cannot_be_written_does_not_hold_the_round(tmp_path: Pa
         store.close()
 
     asyncio.run(scenario())
+
+
+def test_commits_of_the_last_checkpointed_round_are_answered_after_a_restart(tmp_path: Path) -> None:
+    """Killed after round 0's checkpoint but before its commits were answered: once restarted, a
+    commit of round 0 with the right checksum is answered `ok`, not sent to download the same state."""
+    from antorcha.coordinator.checkpoints import CheckpointStore
+    from antorcha.coordinator.replica import CoordinatorReplica
+
+    spec = RunSpec(run_id="restart", model_size="nano", min_workers=2, max_rounds=0, eval_batches=1)
+
+    def coordinator() -> CoordinatorCore:
+        store = RunStore(tmp_path / "run.sqlite")
+        checkpoints = CheckpointStore(tmp_path / "checkpoints", 3)
+        replica, plane = CoordinatorReplica(spec), _DataPlane()
+        return CoordinatorCore(spec, CoordinatorSettings(), replica, plane, store, checkpoints)  # type: ignore[arg-type]
+
+    async def first_life() -> str:
+        core = coordinator()
+        await core.start()
+        _start(core, ("a", "peer-a"), ("b", "peer-b"))
+        await asyncio.gather(*(core.report(w, 0, _report(w), 60) for w in ("a", "b")))
+        await _settle()
+        assert core.rounds.round == 1
+        core.close()
+        return core.history[-1].checksum
+
+    async def second_life(checksum: str) -> None:
+        core = coordinator()
+        await core.start()
+        assert core.rounds.round == 1 and core.replica.checksum == checksum
+        _join(core, "a", "peer-a")
+        answer = await asyncio.wait_for(core.commit("a", 0, checksum, 0, 5), 5)
+        assert not answer.resync and answer.next_round == 1
+        stale = await core.commit("b", 0, "something-else", 0, 5)
+        assert stale.resync, "a wrong checksum still resyncs"
+        core.close()
+
+    checksum = asyncio.run(first_life())
+    asyncio.run(second_life(checksum))

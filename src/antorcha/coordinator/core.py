@@ -185,6 +185,11 @@ class CoordinatorCore:
                 "dropped %d round rows past the newest valid checkpoint (round %d)", dropped, start_round
             )
         self.history = [self._round_from_row(row) for row in self.store.load_rounds()]
+        last = self.history[-1] if self.history else None
+        if last is not None and last.round == start_round - 1 and last.checksum == self.replica.checksum:
+            # Killed after the checkpoint of round r but before the workers' commits of r were answered:
+            # those commits still get their answer, rather than a needless download of the same state.
+            self._future(self._round_closed, last.round).set_result(last.checksum)
         self.store.load_members(self.members, time.monotonic())
         self.store.load_ledger(self.ledger)
         self.store.load_leases(self.ledger)
