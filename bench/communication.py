@@ -1,7 +1,7 @@
 """Bytes per training token: DiLoCo (H, compression, error feedback) on a real local cluster against
 real torch.distributed (gloo) data-parallel training of the same model on the same number of tokens.
 
-    python bench/communication.py            # int8 at H = 50, int4 + EF at H = 100 (about 14 minutes on 2 CPU cores)
+    python bench/communication.py            # int8 at H = 50, int4 + EF at H = 100 (about 14 min, 2 cores)
     python bench/communication.py --search   # also int4 + EF at H = 250 (~4 min more)
     python bench/communication.py --seeds 3  # each gap on seeds 0, 1, 2 and their mean (3x as long)
     python bench/communication.py --quick    # a smoke run of a few minutes

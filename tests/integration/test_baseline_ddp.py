@@ -5,8 +5,10 @@ caller dies."""
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from antorcha.config import RunSpec
-from antorcha.data import BYTE_VOCAB_SIZE, load_stdlib_corpus
+from antorcha.config import DataSpec, RunSpec
+from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus
+from antorcha.data.source import load_run_data
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.params import ParamLayout
 from antorcha.experiments.baseline import (
@@ -29,6 +32,7 @@ from antorcha.experiments.baseline import (
     run_data_parallel,
 )
 from antorcha.model import build_model, count_parameters
+from antorcha.model.factory import build_run_model
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +128,103 @@ def test_ranks_stay_identical_and_match_one_process_on_the_combined_batch(
     assert torch.allclose(two_ranks.final_params, expected, rtol=0, atol=1e-5)
     initial = build_model(SPEC.model_size, BYTE_VOCAB_SIZE, SPEC.seq_len, SPEC.seed)
     assert not torch.allclose(expected, ParamLayout.of(initial).flatten(initial), rtol=0, atol=1e-3)
+
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "big", "red", "and", "then"]
+
+
+def _local_text(path: Path, count: int = 400) -> Path:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _local_tokenizer(directory: Path, text: Path, vocab_size: int = 320) -> Path:
+    """A byte-level BPE trained on ``text`` and saved as a transformers tokenizer directory (offline)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(text.read_text().splitlines(), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def _direct_initial_eval(spec: RunSpec) -> tuple[float, int, int]:
+    """(initial eval loss, vocab size, parameters) of the run, as the DiLoCo coordinator computes them."""
+    data = load_run_data(spec)
+    model = build_run_model(spec, data.vocab_size)
+    held_out = eval_batches(data.corpus.eval, spec.seq_len, spec.batch_size, spec.eval_batches)
+    return evaluate(model, held_out), data.vocab_size, count_parameters(model)
+
+
+def test_the_baseline_trains_the_runs_own_data_and_tokenizer(tmp_path: Path, hf_offline: None) -> None:
+    """A local text file and a local BPE tokenizer: the ranks train exactly those tokens with a model
+    of that vocabulary, as the DiLoCo workers would (not the built-in corpus with 256 byte ids)."""
+    text = _local_text(tmp_path / "story.txt")
+    tokenizer = _local_tokenizer(tmp_path / "tok", text)
+    spec = SPEC.model_copy(
+        update={
+            "tokenizer": str(tokenizer),
+            "data": DataSpec(source="text", paths=[str(text)], eval_fraction=0.2),
+        }
+    )
+    steps = 3
+    r = run_data_parallel(spec, 2, steps, eval_every=0, return_params=True, timeout_s=240)
+    initial, vocab, params = _direct_initial_eval(spec)
+    assert 256 < vocab <= 320
+    byte_model = build_model(SPEC.model_size, BYTE_VOCAB_SIZE, SPEC.seq_len, SPEC.seed)
+    assert r.num_parameters == params != count_parameters(byte_model)
+    # Its eval set is the run's: the untrained model's loss there is the direct one, about ln V.
+    assert r.initial_eval_loss == pytest.approx(initial, abs=1e-4)
+    assert abs(r.initial_eval_loss - math.log(vocab)) < 0.5
+    builtin_initial, _, _ = _direct_initial_eval(SPEC)
+    assert abs(r.initial_eval_loss - builtin_initial) > 0.1
+    # And it trained on the run's tokens: one process on both ranks' batches ends at the same weights.
+    data = load_run_data(spec)
+    model = build_run_model(spec, data.vocab_size)
+    reference_spec = spec.model_copy(update={"batch_size": 2 * spec.batch_size})
+    batches = _Concat(*(rank_reader(data.corpus.train, spec, 2, rank) for rank in range(2)))
+    trainer = InnerTrainer(model, reference_spec, batches, torch.device("cpu"))
+    for _ in range(steps):
+        trainer.step()
+    assert r.final_params is not None
+    assert torch.allclose(r.final_params, ParamLayout.of(model).flatten(model), rtol=0, atol=1e-5)
+    assert len(set(r.rank_checksums)) == 1
+
+
+def test_the_baseline_builds_the_runs_hugging_face_model(tmp_path: Path, hf_offline: None) -> None:
+    pytest.importorskip("transformers")
+    text = _local_text(tmp_path / "story.txt")
+    tiny_llama = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    spec = SPEC.model_copy(
+        update={
+            "hf_model_config": tiny_llama,
+            "data": DataSpec(source="text", paths=[str(text)], eval_fraction=0.2),
+        }
+    )
+    r = run_data_parallel(spec, 2, 2, eval_every=0, timeout_s=240)
+    initial, vocab, params = _direct_initial_eval(spec)
+    assert vocab == BYTE_VOCAB_SIZE
+    assert r.num_parameters == params
+    assert r.payload_bytes_per_step == 4 * params
+    assert r.initial_eval_loss == pytest.approx(initial, abs=1e-4)
+    assert len(set(r.rank_checksums)) == 1
 
 
 def test_a_crashing_rank_is_named_and_no_rank_survives() -> None:

@@ -78,6 +78,30 @@ def test_ids_are_stable_and_hashes_follow_every_setting() -> None:
     assert linked[1].config_hash != first[1].config_hash
 
 
+def test_runs_on_other_data_or_models_get_their_own_baseline() -> None:
+    # The baseline trains the run's own data, tokenizer and model, so these tell baselines apart.
+    text = BASE + '[run.data]\nsource = "text"\npaths = ["a.txt"]\n'
+    swept = expand(parse_spec(text + '[sweep]\n"run.data.paths" = [["a.txt"], ["b.txt"]]\n'))
+    ddp = [r for r in swept if r.kind == "ddp"]
+    diloco = [r for r in swept if r.kind == "diloco"]
+    assert len(ddp) == 2 and len({r.config_hash for r in ddp}) == 2 and len({r.run_id for r in ddp}) == 2
+    assert [r.run.data.paths for r in ddp] == [["a.txt"], ["b.txt"]]
+    assert [r.baseline_id for r in diloco] == [r.run_id for r in ddp]
+    builtin = expand(parse_spec(BASE))[0]
+    on_file = expand(parse_spec(text))[0]
+    assert builtin.kind == on_file.kind == "ddp" and on_file.run.data.source == "text"
+    assert on_file.config_hash != builtin.config_hash
+    window_order = expand(parse_spec(BASE + '[run.data]\nwindow_order = "contiguous"\n'))[0]
+    assert window_order.run.data.window_order == "contiguous"
+    assert window_order.config_hash != builtin.config_hash
+    for extra in ('tokenizer = "some/tokenizer"\n', 'hf_model = "some/model"\n'):
+        other = expand(parse_spec(BASE.replace("[run]\n", "[run]\n" + extra)))[0]
+        assert other.kind == "ddp" and other.config_hash != builtin.config_hash, extra
+    llama = expand(parse_spec(BASE + '[run.hf_model_config]\nmodel_type = "llama"\n'))[0]
+    assert llama.run.hf_model_config == {"model_type": "llama"}
+    assert llama.config_hash != builtin.config_hash
+
+
 def test_labels_name_runs_and_a_lone_seed_does_not_lengthen_ids() -> None:
     labels = '[labels]\n"run.overlap" = ["blocking", "overlap"]\n'
     spec = parse_spec("seeds = [3]\n" + BASE + "[sweep.run]\noverlap = [false, true]\n" + labels)

@@ -1,9 +1,11 @@
 """The data-parallel baseline: real ``torch.distributed`` DDP training that DiLoCo is compared against.
 
 Owns launching ``workers`` rank processes on 127.0.0.1, training the same model on the same corpus as
-a DiLoCo run (same preset and seed, AdamW with the inner optimizer's betas, warm-up and clipping,
-because each rank steps through ``InnerTrainer`` itself), evaluating on rank 0 exactly as the DiLoCo
-coordinator does, and counting the bytes the gradient all-reduces move.
+a DiLoCo run (the run's data and tokenizer through ``load_run_data`` and its model through
+``build_run_model``, as the workers and the coordinator do; the same seed, AdamW with the inner
+optimizer's betas, warm-up and clipping, because each rank steps through ``InnerTrainer`` itself),
+evaluating on rank 0 exactly as the DiLoCo coordinator does, and counting the bytes the gradient
+all-reduces move.
 
 Data: rank ``r`` reads shard ``r`` of ``workers`` disjoint shards of the training split (cut as a
 DiLoCo run cuts its shards) front to back (``ShardReader``), ``spec.batch_size`` sequences per step.
@@ -60,12 +62,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from antorcha.config import RunSpec
-from antorcha.data import BYTE_VOCAB_SIZE, ShardReader, eval_batches, evaluate, load_stdlib_corpus
-from antorcha.data.source import shard_reader
+from antorcha.data import ShardReader, eval_batches, evaluate
+from antorcha.data.source import load_run_data, shard_reader
 from antorcha.diloco.checksum import tensor_checksum
 from antorcha.diloco.inner import InnerTrainer
 from antorcha.diloco.params import ParamLayout
-from antorcha.model import build_model
+from antorcha.model.factory import build_run_model
 
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
@@ -155,6 +157,8 @@ class _RankJob:
     options: _RunOptions
     store_port: int
     parent_pid: int
+    vocab_size: int  # the tokenizer's, which the model's vocabulary follows
+    token_dtype: torch.dtype  # of the token bytes sent over the pipe
 
 
 class _BucketCounter:
@@ -267,13 +271,13 @@ def _train_rank(job: _RankJob, train_bytes: bytes, eval_bytes: bytes) -> dict[st
     device = _rank_device(job.options.device, job.rank)
     _init_group(job, device)
     spec = job.spec
-    train = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8)
-    model = build_model(spec.model_size, BYTE_VOCAB_SIZE, spec.seq_len, spec.seed).to(device)
+    train = torch.frombuffer(bytearray(train_bytes), dtype=job.token_dtype)
+    model = build_run_model(spec, job.vocab_size).to(device)
     ddp, counter = _wrap_ddp(model, device)
     trainer = InnerTrainer(ddp, spec, rank_reader(train, spec, job.workers, job.rank), device)
     eval_set: list[torch.Tensor] = []
     if eval_bytes:
-        eval_tokens = torch.frombuffer(bytearray(eval_bytes), dtype=torch.uint8)
+        eval_tokens = torch.frombuffer(bytearray(eval_bytes), dtype=job.token_dtype)
         eval_set = eval_batches(eval_tokens, spec.seq_len, spec.batch_size, spec.eval_batches)
     evals, train_s, eval_s = _train_loop(job, trainer, model, eval_set)
     report: dict[str, Any] = {
@@ -465,7 +469,8 @@ def _run_here(spec: RunSpec, workers: int, steps: int, options: _RunOptions) -> 
     backend = options.backend or ("nccl" if options.device == "cuda" else "gloo")
     _check_device(options.device, backend, workers)
     threads = options.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-    corpus = load_stdlib_corpus(spec.corpus_max_bytes)
+    data = load_run_data(spec)  # what the DiLoCo workers train on: same spec, same function
+    corpus = data.corpus
     # Validates the sharding in the caller, before any process starts.
     smallest = rank_reader(corpus.train, spec, workers, workers - 1)
     shard_tokens = smallest.shard_tokens
@@ -473,7 +478,19 @@ def _run_here(spec: RunSpec, workers: int, steps: int, options: _RunOptions) -> 
     # lives until this function returns, after every rank has finished with it.
     store = dist.TCPStore(HOST, 0, workers, is_master=True, wait_for_workers=False)
     jobs = [
-        _RankJob(spec, rank, workers, steps, backend, threads, options, store.port, os.getpid())
+        _RankJob(
+            spec,
+            rank,
+            workers,
+            steps,
+            backend,
+            threads,
+            options,
+            store.port,
+            os.getpid(),
+            data.vocab_size,
+            corpus.train.dtype,
+        )
         for rank in range(workers)
     ]
     started = time.perf_counter()

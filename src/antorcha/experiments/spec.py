@@ -45,8 +45,13 @@ from antorcha.netem.links import parse_link
 
 # The RunSpec fields that shape a data-parallel run. A baseline is shared by every DiLoCo run that
 # agrees on these (and on workers and steps): H, the codec, the outer optimizer and links do not matter.
+# The model and the data are the run's own (the baseline loads them as the workers do), so they count.
 DDP_FIELDS = (
     "model_size",
+    "hf_model",
+    "hf_model_config",
+    "tokenizer",
+    "data",
     "seq_len",
     "batch_size",
     "inner_lr",

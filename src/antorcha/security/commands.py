@@ -103,19 +103,33 @@ def _tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_token_store_options(p: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """--tokens-file, --config and --json, accepted before and after the token subcommand.
+
+    A subcommand's parser writes every default it has over what the `token` parser already parsed,
+    so its copies have no default (SUPPRESS): a value given before the subcommand then survives.
+    """
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    p.add_argument("--tokens-file", help="the coordinator's token file (default: from --config)", **unset)
+    p.add_argument(
+        "--config", help="the coordinator's TOML config (its data_dir holds tokens.sqlite)", **unset
+    )
+    p.add_argument("--json", action="store_true", help="print JSON", **unset)
+
+
 def add_security_parsers(sub: Any) -> None:
     p = sub.add_parser("token", help="make, list and revoke join and operator tokens")
-    p.add_argument("--tokens-file", help="the coordinator's token file (default: from --config)")
-    p.add_argument("--config", help="the coordinator's TOML config (its data_dir holds tokens.sqlite)")
-    p.add_argument("--json", action="store_true")
+    _add_token_store_options(p)
     tsub = p.add_subparsers(dest="token_command", required=True)
     c = tsub.add_parser("create", help="make a token and print it (once)")
     c.add_argument("--name", required=True, help="who or what it is for, e.g. the volunteer's name")
     c.add_argument("--expires", help="lifetime, e.g. 12h or 30d (default: no expiry)")
     c.add_argument("--operator", action="store_true", help="an operator token (pause, resume, evict, status)")
-    tsub.add_parser("list", help="show tokens (never their secrets)")
+    listing = tsub.add_parser("list", help="show tokens (never their secrets)")
     r = tsub.add_parser("revoke", help="revoke a token by id, or every live token with this name")
     r.add_argument("token", help="token id or name")
+    for command in (c, listing, r):
+        _add_token_store_options(command, after_command=True)
     p.set_defaults(fn=_token)
 
     p = sub.add_parser("tls", help="TLS helpers")
