@@ -79,6 +79,13 @@ class InnerTrainer:
         self.micro_batch_size = micro_batch_size
         self.autocast_dtype = autocast_dtype(precision, device)
 
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW's moments. After a divergence they hold NaN/Inf, and every later step would
+        turn the parameters NaN again however clean the θ we restart from. The step count, and so the
+        lr schedule, goes on: the run is not starting over. (AdamW re-creates each moment, with its own
+        bias-correction step count at zero, on the next step.)"""
+        self.optimizer.state.clear()
+
     def _lr(self) -> float:
         warmup, decay, step = self.spec.inner_warmup_steps, self.spec.inner_decay_steps, self.total_steps
         if warmup and step < warmup:

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,15 @@ from antorcha.worker.observe import WorkerObserver
 
 log = logging.getLogger(__name__)
 RUN_ENDS = "the run ends"  # how the coordinator words a lease refused because the run is over
+# After SIGTERM an all-reduce in flight gets this long to finish (so our reducer span still serves the
+# others if it can) before we leave anyway: a stopping worker should say goodbye in seconds, not minutes.
+STOP_GRACE_S = 5.0
+WAIT_SLICE_S = 0.5  # how often a wait for an all-reduce looks at the stop signal
+# Refusals that are about who we are, not about the round: run() rejoins or exits on them, so a round's
+# failure must not swallow them into a resync.
+IDENTITY_REFUSALS = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 @dataclass(frozen=True)
@@ -345,7 +354,30 @@ class TrainingSession:
     def _resync(self, min_round: int) -> None:
         self.state = self._download(min_round)
         self.outer.momentum_buffer = self.state.momentum
+        # The residual is what quantisation left out of a Δ taken against a θ we no longer have.
+        self._zero_residual()
         self._restart_from_global()
+
+    def _zero_residual(self) -> None:
+        if self.residual is not None:
+            self.residual = torch.zeros_like(self.state.params)
+
+    def _recover_from_divergence(self) -> str:
+        """Local training went NaN/Inf: apply round r−1's average if one is pending (it is sound, and
+        dropping it would skip an outer step and its commit), then train again from the global θ with
+        fresh AdamW moments (the old ones are NaN and would diverge again at once) and no residual (it
+        may hold garbage too)."""
+        instruction = "continue"
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            instruction = self._finish(pending)
+        self.trainer.reset_optimizer_state()
+        self._zero_residual()
+        if instruction == "stop":
+            return "stop"
+        # After a commit θ is of the diverged round, which is trained again; after a resync, the newest.
+        self._restart_from_global()
+        return "continue"
 
     def _restart_from_global(self) -> None:
         """Train the next round from the global θ (the local model and any pending average are dropped)."""
@@ -518,8 +550,7 @@ class TrainingSession:
             progress = pseudo_gradient(self.round_start, self.layout.flatten(self.model))
         except BadPseudoGradientError as e:  # never send a broken Δ; train the round again from θ
             log.error("round=%d local training diverged: %s; resetting to the global state", round_, e)
-            self._restart_from_global()
-            return "continue"
+            return self._recover_from_divergence()
         outgoing = progress + self.residual if self.residual is not None and stats.tokens else progress
         if self.pending is not None:  # overlap: round r−1's average has had round r to arrive
             instruction = self._finish(self.pending)
@@ -531,7 +562,9 @@ class TrainingSession:
         try:
             outgoing, claimed, norm = self._apply_report_faults(round_, outgoing, stats.tokens)
         except BadPseudoGradientError as e:
+            # Δ itself was checked finite, so the residual added to it is what broke: drop it too.
             log.error("round=%d %s; resetting to the global state", round_, e)
+            self._zero_residual()
             self._restart_from_global()
             return "continue"
         on_exchange = (
@@ -634,7 +667,13 @@ class TrainingSession:
     def _finish(self, pending: PendingAverage) -> str:
         """Wait for a round's all-reduce, apply the outer step to the global θ, commit its checksum."""
         spec, round_ = self.spec, pending.round
-        result = pending.future.result()
+        try:
+            result = self._wait_for(pending.future)
+        except Exception as e:  # the report or the all-reduce failed: one round lost, not the worker
+            return self._round_failed(round_, "its report or all-reduce failed", e)
+        if result is None:
+            log.warning("round=%d stopping: not waiting longer for its all-reduce", round_)
+            return "stop"
         if isinstance(result, NotAveraged):
             log.warning(
                 "round=%d not averaged: %s; resyncing to round %d", round_, result.reason, result.next_round
@@ -649,20 +688,23 @@ class TrainingSession:
             self._resync(round_ + 1)
             return "resync"
         if self.spec.error_feedback and result.sent is not None and pending.stats.tokens:
-            self.residual = pending.outgoing - result.sent
+            self._update_residual(round_, pending.outgoing, result.sent)
         self.outer.step(self.state.params, result.average)
         self.state.round = round_ + 1
         checksum = self.state.checksum
         self.faults.fire(round_, "commit")
-        commit = self.client.commit_round(
-            worker_id=self.worker_id,
-            round_=round_,
-            checksum=checksum,
-            data_bytes=result.bytes_sent,
-            seconds=result.seconds,
-            failed_spans=result.failed_spans,
-            wait_s=2 * spec.allreduce_timeout_s + 60,
-        )
+        try:
+            commit = self.client.commit_round(
+                worker_id=self.worker_id,
+                round_=round_,
+                checksum=checksum,
+                data_bytes=result.bytes_sent,
+                seconds=result.seconds,
+                failed_spans=result.failed_spans,
+                wait_s=2 * spec.allreduce_timeout_s + 60,
+            )
+        except (CoordinatorRefusedError, CoordinatorUnreachableError) as e:  # e.g. the round never closed
+            return self._round_failed(round_, "its commit failed", e)
         self.last_commit_at = time.monotonic()
         outer_seconds = result.seconds + self.last_commit_at - averaged_at
         self.worker.observer.round_done(round_, result, outer_seconds, self.utilisation)
@@ -690,11 +732,57 @@ class TrainingSession:
             self._resync(commit.next_round)
         return commit.instruction
 
+    def _round_failed(self, round_: int, what: str, error: Exception) -> str:
+        """A round's report, all-reduce or commit raised: resync to the coordinator's newest state and
+        train on, instead of letting run() re-raise and the worker exit. The newest state, not round_+1:
+        a round whose averaging failed may never close, and waiting for it would time out as well.
+        Refusals about our identity still reach run(), which rejoins or exits on them."""
+        if isinstance(error, CoordinatorRefusedError) and error.code in IDENTITY_REFUSALS:
+            raise error
+        # A coordinator's answer needs no traceback; anything else (the backend) may be a bug: show it.
+        known = isinstance(error, (CoordinatorRefusedError, CoordinatorUnreachableError))
+        log.warning("round=%d %s: %s; resyncing to the newest state", round_, what, error, exc_info=not known)
+        self._resync(0)
+        return "resync"
+
+    def _update_residual(self, round_: int, outgoing: torch.Tensor, sent: torch.Tensor) -> None:
+        """Error feedback: keep what quantisation left out of the Δ we sent. A non-finite or
+        wrong-shaped value (e.g. |Δ| > 65504 overflowing fp16) would poison every later Δ, and each
+        would be refused as non-finite: start the residual over instead."""
+        residual = outgoing - sent if sent.shape == outgoing.shape else None
+        if residual is None or not all_finite(residual):
+            log.warning(
+                "round=%d quantisation residual is non-finite or wrong-shaped; resetting it to zero", round_
+            )
+            self._zero_residual()
+            return
+        self.residual = residual
+
+    def _wait_for(
+        self, future: Future[AllReduceResult | NotAveraged], bound_s: float | None = None
+    ) -> AllReduceResult | NotAveraged | None:
+        """The future's result (or its exception), waiting at most `bound_s` (None: as long as it
+        takes), in slices that notice SIGTERM: from then on it waits at most STOP_GRACE_S more.
+        None if it gave up."""
+        deadline = math.inf if bound_s is None else time.monotonic() + bound_s
+        noticed = False
+        while not future.done():
+            now = time.monotonic()
+            if not noticed and self.worker.stop_signal.is_set():
+                noticed = True
+                deadline = min(deadline, now + STOP_GRACE_S)
+            if now >= deadline:
+                return None
+            wait([future], timeout=min(WAIT_SLICE_S, deadline - now))
+        return future.result()
+
     def _drop_pending(self) -> None:
-        """Let an all-reduce in flight finish (our span's reducer serves the others) and forget it."""
+        """Let an all-reduce in flight finish (our span's reducer serves the others) and forget it;
+        after SIGTERM, for a few seconds only, so that the Leave is not held back."""
         pending, self.pending = getattr(self, "pending", None), None
         if pending is not None:
             try:
-                pending.future.result(timeout=3 * self.spec.allreduce_timeout_s + 10)
+                if self._wait_for(pending.future, 3 * self.spec.allreduce_timeout_s + 10) is None:
+                    log.warning("round=%d leaving its all-reduce unfinished", pending.round)
             except Exception as e:
                 log.warning("round=%d background averaging ended badly: %s", pending.round, e)
