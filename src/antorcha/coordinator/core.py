@@ -405,9 +405,9 @@ class CoordinatorCore:
     async def _checkpoint(self) -> None:
         if self.checkpoints is None:
             return
-        round_, data, _ = await self.in_replica(self.replica.encoded)
+        round_, data, _, checksum = await self.in_replica(self.replica.encoded)
         try:
-            info = await self.in_replica(self.checkpoints.save, round_, data, self.replica.checksum)
+            info = await self.in_replica(self.checkpoints.save, round_, data, checksum)
             self.telemetry.checkpointed(info.created_at)
         except CheckpointWriteError as e:  # e.g. a full disk: keep training, the older checkpoint stays
             log.error("checkpoint of round %d not written: %s", round_, e)

@@ -35,7 +35,7 @@ class CoordinatorReplica:
         )
         self.eval_set = eval_batches(corpus.eval, spec.seq_len, spec.batch_size, spec.eval_batches)
         self._lock = threading.Lock()
-        self._encoded: tuple[int, bytes, str] | None = None
+        self._encoded: tuple[int, bytes, str, str] | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -60,12 +60,14 @@ class CoordinatorReplica:
             self.layout.load_into(self.model, self.state.params)
         return evaluate(self.model, self.eval_set)
 
-    def encoded(self) -> tuple[int, bytes, str]:
-        """(round, serialized state, its sha256), cached until the next outer step."""
+    def encoded(self) -> tuple[int, bytes, str, str]:
+        """(round, serialized state, its sha256, the parameters' checksum), cached until the next outer
+        step. All four are taken under one lock: read apart, the next outer step (which updates the
+        parameters in place) could land between them and pair one round's bytes with another's checksum."""
         with self._lock:
             if self._encoded is None or self._encoded[0] != self.state.round:
                 data = encode_state(self.layout, self.state, self.spec.run_id)
-                self._encoded = (self.state.round, data, sha256_hex(data))
+                self._encoded = (self.state.round, data, sha256_hex(data), self.state.checksum)
             return self._encoded
 
     @property

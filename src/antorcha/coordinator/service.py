@@ -361,8 +361,7 @@ class CoordinatorService(RunQueueMethods, pb_grpc.CoordinatorServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"no state of round ≥ {request.min_round} yet"
             )
-        round_, data, digest = await self.core.in_replica(self.core.replica.encoded)
-        checksum = self.core.replica.checksum if round_ == self.core.replica.state.round else ""
+        round_, data, digest, checksum = await self.core.in_replica(self.core.replica.encoded)
         if request.offset > len(data):
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} > state size {len(data)}"
