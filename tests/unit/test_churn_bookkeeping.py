@@ -8,6 +8,7 @@ the data plane are small stand-ins, since no tensor work matters here."""
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import threading
 import time
@@ -34,6 +35,12 @@ class _Replica:
         self.checksum = "c0"
 
     def apply(self, average: torch.Tensor) -> str:
+        if not bool(torch.isfinite(average).all()):
+            raise ValueError("averaged pseudo-gradient is not finite")  # as the real replica does
+        self.state.params = self.state.params - average
+        return self.skip()
+
+    def skip(self) -> str:
         self.state.round += 1
         self.checksum = f"c{self.state.round}"
         return self.checksum
@@ -51,11 +58,12 @@ class _DataPlane:
         self.groups: list[AveragingGroup] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.average: torch.Tensor | None = None  # what the all-reduce yields; None: zeros
 
     def all_reduce(self, group: AveragingGroup, zeros: torch.Tensor, weight: float) -> AllReduceResult:
         self.groups.append(group)
         self.gate.wait(10)
-        return AllReduceResult(average=zeros)
+        return AllReduceResult(average=zeros if self.average is None else self.average)
 
 
 def _core(
@@ -269,3 +277,38 @@ def test_commits_of_the_last_checkpointed_round_are_answered_after_a_restart(tmp
 
     checksum = asyncio.run(first_life())
     asyncio.run(second_life(checksum))
+
+
+def test_a_round_in_which_every_worker_was_refused_closes_with_no_update() -> None:
+    async def scenario() -> None:
+        core, plane = _core()
+        _start(core, ("a", "peer-a"), ("b", "peer-b"))
+        for worker_id in ("a", "b"):  # both declare a non-finite ‖Δ‖: both sit the round out
+            reason, label = core.screen_report(worker_id, 0, 100, 1.0, math.nan)
+            assert label == "invalid_argument" and "finite" in reason
+        core.tick(time.monotonic())
+        # The refused workers resync to θ_1: it must come, equal to θ_0.
+        await asyncio.wait_for(core.wait_for_state(1, 5), 5)
+        await _settle()
+        assert plane.groups == [], "nothing was averaged"
+        assert core.rounds.round == 1 and core.rounds.phase == Phase.TRAINING
+        assert core.replica.state.round == 1 and torch.equal(core.replica.state.params, torch.zeros(4))
+        entry = core.history[-1]
+        assert (entry.round, entry.workers, entry.tokens) == (0, 0, 0)
+        assert core.ledger.all_leases() == [], "round 0's shards went back to the pool"
+        assert core.lease_data("a", 1, 0).lease is not None, "and the refused workers train round 1"
+
+    asyncio.run(scenario())
+
+
+def test_a_rejected_average_still_advances_the_round_so_nobody_waits_for_ever() -> None:
+    async def scenario() -> None:
+        core, plane = _core()
+        _start(core, ("a", "peer-a"), ("b", "peer-b"))
+        plane.average = torch.full((4,), math.nan)
+        await asyncio.gather(*(core.report(w, 0, _report(w), 60) for w in ("a", "b")))
+        await asyncio.wait_for(core.wait_for_state(1, 5), 5)
+        assert core.rounds.round == core.replica.state.round == 1
+        assert torch.equal(core.replica.state.params, torch.zeros(4)), "the NaN reached nothing"
+
+    asyncio.run(scenario())

@@ -256,6 +256,22 @@ class CoordinatorCore:
             group = self._make_group(self._screen_group(decision.members))
             self._future(self._group_ready, self.rounds.round).set_result(group)
             asyncio.get_running_loop().create_task(self._average(self.rounds.round, group))
+        elif self._everyone_sat_out():
+            # Every worker the round could wait for was refused. They wait for θ_{r+1}, which would never
+            # come: close the round with no update instead.
+            log.warning(
+                "round=%d every worker was refused (%s); closing it with no update",
+                self.rounds.round,
+                "; ".join(sorted(set(self._sat_out.values()))),
+            )
+            self.rounds.phase, self.rounds.group = Phase.AVERAGING, ()
+            asyncio.get_running_loop().create_task(self._average(self.rounds.round, None))
+
+    def _everyone_sat_out(self) -> bool:
+        rounds = self.rounds
+        if rounds.phase != Phase.TRAINING or not self._sat_out or rounds.reports:
+            return False
+        return not self._active_ids() - set(self._sat_out)
 
     def _record_worker(self, worker_id: str, event: str, detail: str = "") -> None:
         if self.store is not None:
@@ -324,7 +340,8 @@ class CoordinatorCore:
         self._group_trust[group.group_id] = (by_peer, checked)
         return group
 
-    async def _average(self, round_: int, group: AveragingGroup) -> None:
+    async def _average(self, round_: int, group: AveragingGroup | None) -> None:
+        """Close round `round_`: all-reduce with `group` and apply the outer step (None: no update)."""
         started = time.monotonic()
         # Only the group's reports count: a worker that reported and then left, or was left out,
         # contributed nothing to this round's average.
@@ -333,24 +350,29 @@ class CoordinatorCore:
         losses = [r.train_loss for r in reports.values() if math.isfinite(r.train_loss)]
         entry.train_loss = sum(losses) / len(losses) if losses else math.nan
         zeros = torch.zeros(self.replica.num_parameters)
-        checked = self._group_trust.get(group.group_id, ({}, False))[1]
+        checked = group is not None and self._group_trust.get(group.group_id, ({}, False))[1]
         theta_r = await self.in_replica(self.replica.state.params.clone) if checked else None
         # Spot checks need each worker's first assigned shard, read before the ledger completes the round.
         first_shards = {w: held[0].shard for w in reports if (held := self.ledger.held(w, round_))}
         taken = {lease.shard for lease in self.ledger.all_leases() if lease.round == round_}
-        try:
-            result = await self.in_replica(self.backend.all_reduce, group, zeros, 0.0)
-        except Exception:  # the round must close whatever the data plane did; workers resync
-            log.exception("round=%d all-reduce failed on the coordinator; no update this round", round_)
-            result = AllReduceResult(average=zeros, failed_spans=len(group.members))
+        if group is None:
+            result, session = AllReduceResult(average=zeros), None
+            entry.checksum = await self.in_replica(self.replica.skip)
+        else:
+            try:
+                result = await self.in_replica(self.backend.all_reduce, group, zeros, 0.0)
+            except Exception:  # the round must close whatever the data plane did; workers resync
+                log.exception("round=%d all-reduce failed on the coordinator; no update this round", round_)
+                result = AllReduceResult(average=zeros, failed_spans=len(group.members))
+            session = self._record_data_plane_exclusions(round_, group)
+            try:
+                entry.checksum = await self.in_replica(self.replica.apply, result.average)
+            except ValueError as e:  # a non-finite average never reaches the model
+                log.error("round=%d average rejected: %s; parameters left unchanged", round_, e)
+                # The round still advances (θ_{r+1} = θ_r), or every GetState for r+1 would wait for ever.
+                entry.checksum = await self.in_replica(self.replica.skip)
         entry.failed_spans = result.failed_spans
         entry.data_plane_bytes += result.bytes_sent  # each byte counted once, by its sender
-        session = self._record_data_plane_exclusions(round_, group)
-        try:
-            entry.checksum = await self.in_replica(self.replica.apply, result.average)
-        except ValueError as e:  # a non-finite average never reaches the model
-            log.error("round=%d average rejected: %s; parameters left unchanged", round_, e)
-            entry.checksum = self.replica.checksum
         entry.seconds = time.monotonic() - self._round_started
         for worker_id in reports:
             self.members.workers[worker_id].rounds_contributed += 1
@@ -390,7 +412,7 @@ class CoordinatorCore:
         entry.eval_loss = await self.in_replica(self.replica.evaluate)
         log.info("round=%d eval_loss=%.4f", round_, entry.eval_loss)
         self._persist_round_update(entry)
-        if theta_r is not None:
+        if theta_r is not None and group is not None:
             await self._run_spot_checks(round_, theta_r, session, group, first_shards, taken)
 
     def _persist_round_update(self, entry: RoundLog) -> None:

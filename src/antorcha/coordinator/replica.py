@@ -49,6 +49,13 @@ class CoordinatorReplica:
             self.state.round += 1
             return self.state.checksum
 
+    def skip(self) -> str:
+        """A round closes with no update (nothing to average, or its average was rejected): θ_{r+1} = θ_r,
+        outer momentum untouched. The round still advances, so whoever waits for θ_{r+1} gets it."""
+        with self._lock:
+            self.state.round += 1
+            return self.state.checksum
+
     def restore(self, state: GlobalState) -> None:
         """Adopt a checkpointed state (parameters, outer momentum and round)."""
         with self._lock:
