@@ -101,18 +101,23 @@ def test_the_coordinator_spot_checks_and_evicts_a_lazy_worker(tmp_path: Path) ->
     assert len(evictions) == 1 and "spot checks: failed 2 of its last 2" in evictions[0]["detail"]
     flags = [e for e in out.events_of("lazy", "exclude") if str(e["detail"]).startswith("spot_check:")]
     assert [e["round"] for e in flags] == [1]  # flagged at its second checked round
+    honest_failures = 0
     for name in ("h1", "h2"):
+        # One check is noisy: an honest Δ can fail one (seen: round 3's shard 133, codec tables whose
+        # loss 8 honest steps barely move, in about 1 run in 10, with and without the changes of 2026-11-24).
+        # That is why a worker is evicted only at verify_fail_limit failures: never an honest one.
         failed = [e["detail"] for e in out.events_of(name, "spot_check_failed")]
-        assert not failed and not out.events_of(name, "evict"), failed
+        assert len(failed) <= 1 and not out.events_of(name, "evict"), failed
+        honest_failures += len(failed)
         out.rounds_agree(name, range(5))
     # Round r's check runs off the critical path, while round r+1 trains; a group for r+1 formed before
     # the verdict still holds the lazy worker (its Δ is then checked and fails too). The coordinator's
     # single replica thread runs that check before r+1's reduce, so no later round can include it.
     failed_rounds = sorted(e["round"] for e in out.events_of("lazy", "spot_check_failed"))
     assert failed_rounds in ([0, 1], [0, 1, 2]), failed_rounds
-    assert out.metric("antorcha_spot_checks_total", "result", "fail") == len(failed_rounds)
+    assert out.metric("antorcha_spot_checks_total", "result", "fail") == len(failed_rounds) + honest_failures
     # Checks run after a round's eval, so the last round's may land after the final scrape.
-    assert out.metric("antorcha_spot_checks_total", "result", "pass") >= 2 * 4
+    assert out.metric("antorcha_spot_checks_total", "result", "pass") >= 2 * 4 - honest_failures
     assert out.metric("antorcha_excluded_workers_total", "reason", "spot_check") == 1
     workers = [r.workers for r in out.status.rounds]
     assert workers[:2] == [3, 3] and workers[3:] == [2, 2], workers
