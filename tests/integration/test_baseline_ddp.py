@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import TINY_LLAMA
 
 from antorcha.config import DataSpec, RunSpec
 from antorcha.data import BYTE_VOCAB_SIZE, eval_batches, evaluate, load_stdlib_corpus
@@ -204,17 +205,9 @@ def test_the_baseline_trains_the_runs_own_data_and_tokenizer(tmp_path: Path, hf_
 def test_the_baseline_builds_the_runs_hugging_face_model(tmp_path: Path, hf_offline: None) -> None:
     pytest.importorskip("transformers")
     text = _local_text(tmp_path / "story.txt")
-    tiny_llama = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
     spec = SPEC.model_copy(
         update={
-            "hf_model_config": tiny_llama,
+            "hf_model_config": TINY_LLAMA,
             "data": DataSpec(source="text", paths=[str(text)], eval_fraction=0.2),
         }
     )

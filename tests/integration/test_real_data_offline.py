@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _tiny_models import TINY_LLAMA
 
 from antorcha.experiments.cluster import LocalCluster
 
@@ -112,14 +113,7 @@ def test_one_round_with_a_hugging_face_llama_on_a_streamed_dataset(tmp_path: Pat
         **RUN,
         "run_id": "hf-llama",
         "tokenizer": str(_tokenizer(tmp_path / "tokenizer", texts)),
-        "hf_model_config": {
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
+        "hf_model_config": TINY_LLAMA,
         "data": {
             "source": "hf",
             "hf_name": "json",

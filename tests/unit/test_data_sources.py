@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import TINY_LLAMA
 from pydantic import ValidationError
 
 from antorcha.config import CoordinatorConfig, DataSpec, RunSpec, load_config
@@ -332,14 +333,6 @@ def test_data_spec_from_toml_and_environment(tmp_path: Path) -> None:
 
 # --- models --------------------------------------------------------------------------------------------
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 
 
 def _params(model: torch.nn.Module) -> Iterator[torch.Tensor]:

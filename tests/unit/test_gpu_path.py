@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _tiny_models import TINY_LLAMA
 from torch import nn
 
 from antorcha.config import RunSpec, WorkerSettings
@@ -83,15 +84,7 @@ def test_negative_micro_batch_is_refused() -> None:
 
 def _hf_spec() -> RunSpec:
     pytest.importorskip("transformers")
-    tiny = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
-    return SPEC.model_copy(update={"hf_model_config": tiny})
+    return SPEC.model_copy(update={"hf_model_config": TINY_LLAMA})
 
 
 @pytest.mark.parametrize("kind", ["builtin", "hf"])
