@@ -367,10 +367,7 @@ class TrainingSession:
         dropping it would skip an outer step and its commit), then train again from the global θ with
         fresh AdamW moments (the old ones are NaN and would diverge again at once) and no residual (it
         may hold garbage too)."""
-        instruction = "continue"
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            instruction = self._finish(pending)
+        instruction = self._finish_pending()
         self.trainer.reset_optimizer_state()
         self._zero_residual()
         if instruction == "stop":
@@ -553,8 +550,7 @@ class TrainingSession:
             return self._recover_from_divergence()
         outgoing = progress + self.residual if self.residual is not None and stats.tokens else progress
         if self.pending is not None:  # overlap: round r−1's average has had round r to arrive
-            instruction = self._finish(self.pending)
-            self.pending = None
+            instruction = self._finish_pending()
             if instruction == "stop":
                 return "stop"
             if instruction == "resync" and self.state.round != round_:
@@ -651,11 +647,9 @@ class TrainingSession:
     def _nothing_trained(self, round_: int) -> str:
         """The coordinator gave no shard of `round_` (it ends the run, or the round is averaging or
         closed without us): finish what is pending, then catch up instead of reporting an empty round."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            instruction = self._finish(pending)
-            if instruction != "continue":
-                return instruction
+        instruction = self._finish_pending()
+        if instruction != "continue":
+            return instruction
         if self.last_refusal.startswith(RUN_ENDS):
             return "stop"
         log.info("round=%d not open to us (%s); syncing to the newest state", round_, self.last_refusal)
@@ -663,6 +657,11 @@ class TrainingSession:
             return "stop"
         self._resync(0)
         return "resync"
+
+    def _finish_pending(self) -> str:
+        """Finish the overlapped round whose average is in flight, if any ("continue" if none)."""
+        pending, self.pending = self.pending, None
+        return "continue" if pending is None else self._finish(pending)
 
     def _finish(self, pending: PendingAverage) -> str:
         """Wait for a round's all-reduce, apply the outer step to the global θ, commit its checksum."""
